@@ -1,0 +1,118 @@
+"""Adapter configuration, the kind registry and target selection.
+
+An adapter tree is a plain nested dict keyed by module path, e.g.
+``{"layers": {"3": {"attn": {"q_proj": {"A": ..., "B": ...}}}}}``. The model never needs to know
+which kind it holds: each adapted linear layer calls ``kind.apply`` for the additive output.
+New kinds (FedALT mixture, FedGaLore dense delta) register here without touching the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+Array = jax.Array
+Leaf = dict[str, Array]  # one module's adapter parameters, e.g. {"A": ..., "B": ...}
+
+# Module paths the LLaMA model exposes (i = layer index).
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+TARGET_PRESETS: dict[str, str] = {
+    "qv": r"layers\.\d+\.attn\.(q_proj|v_proj)",
+    "attn": r"layers\.\d+\.attn\.(q_proj|k_proj|v_proj|o_proj)",
+    "all-linear": r"layers\.\d+\.(attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Static (hashable) description of an adapter; passed to jitted functions as a static arg."""
+
+    kind: str = "lora"  # registry key: lora | decomposed | mixture | dense_delta
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "qv"  # a TARGET_PRESETS key or a regex (fullmatch) over module paths
+    norm_axis: str = "row"  # decomposed: "row" (DESIGN default) or "col"
+    norm_eps: float = 1e-6  # decomposed: epsilon inside the direction norm
+    init: str = "default"  # decomposed: "default" (B_M = 0) or "paper_literal" (small non-zero B)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def target_regex(self) -> re.Pattern[str]:
+        return re.compile(TARGET_PRESETS.get(self.targets, self.targets))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterKind:
+    """Pure functions that define one adapter kind.
+
+    init(key, in_features, out_features, cfg) -> Leaf
+    apply(leaf, x, cfg, dropout_key) -> additive output (..., out_features); dropout_key None = eval
+    delta_weight(leaf, cfg) -> ΔW in (in_features, out_features) layout, so merged W = W0 + ΔW
+    """
+
+    name: str
+    init: Callable[[Array, int, int, AdapterConfig], Leaf]
+    apply: Callable[[Leaf, Array, AdapterConfig, Array | None], Array]
+    delta_weight: Callable[[Leaf, AdapterConfig], Array]
+
+
+_KINDS: dict[str, AdapterKind] = {}
+
+
+def register_kind(kind: AdapterKind) -> AdapterKind:
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> AdapterKind:
+    if name not in _KINDS:
+        raise ValueError(f"adapter.kind={name!r} is not known; allowed: {', '.join(sorted(_KINDS))}")
+    return _KINDS[name]
+
+
+def module_paths(num_layers: int) -> list[str]:
+    """Every adaptable linear module of the LLaMA model, as dotted paths."""
+    paths = []
+    for i in range(num_layers):
+        paths += [f"layers.{i}.attn.{m}" for m in ATTN_MODULES]
+        paths += [f"layers.{i}.mlp.{m}" for m in MLP_MODULES]
+    return paths
+
+
+def select_targets(num_layers: int, cfg: AdapterConfig) -> list[str]:
+    """Module paths matched (fullmatch) by the config's target preset or regex."""
+    rx = cfg.target_regex()
+    chosen = [p for p in module_paths(num_layers) if rx.fullmatch(p)]
+    if not chosen:
+        raise ValueError(
+            f"adapter.targets={cfg.targets!r} matches no module; presets: "
+            f"{', '.join(TARGET_PRESETS)}; or a regex over paths like 'layers.0.attn.q_proj'"
+        )
+    return chosen
+
+
+def get_path(tree: dict[str, Any], path: str) -> Any:
+    """Look up a dotted path in a nested dict; None when absent."""
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
