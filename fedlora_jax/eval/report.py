@@ -19,7 +19,12 @@ import numpy as np
 from fedlora_jax.eval.metrics import mean_token_loss, perplexity
 
 # Metric name -> True when higher is better (decides which client is "worst").
-METRICS: dict[str, bool] = {"rouge_l": True, "exact_match": True, "loss": False, "perplexity": False}
+METRICS: dict[str, bool] = {
+    "rouge_l": True,
+    "exact_match": True,
+    "loss": False,
+    "perplexity": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
