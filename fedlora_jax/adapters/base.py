@@ -28,6 +28,9 @@ TARGET_PRESETS: dict[str, str] = {
     "all-linear": r"layers\.\d+\.(attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
 }
 
+NORM_AXES = ("row", "col")
+INIT_SCHEMES = ("default", "paper_literal")
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
@@ -41,6 +44,24 @@ class AdapterConfig:
     norm_axis: str = "row"  # decomposed: "row" (DESIGN default) or "col"
     norm_eps: float = 1e-6  # decomposed: epsilon inside the direction norm
     init: str = "default"  # decomposed: "default" (B_M = 0) or "paper_literal" (small non-zero B)
+
+    def __post_init__(self) -> None:
+        """Reject a bad value at construction, naming the config key and the allowed values."""
+        if self.r < 1:
+            raise ValueError(f"adapter.r={self.r!r} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter.dropout={self.dropout!r} must be in [0, 1)")
+        if self.norm_axis not in NORM_AXES:
+            raise ValueError(
+                f"adapter.norm_axis={self.norm_axis!r} is not allowed; "
+                f"allowed: {', '.join(NORM_AXES)}"
+            )
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(
+                f"adapter.init={self.init!r} is not allowed; allowed: {', '.join(INIT_SCHEMES)}"
+            )
+        if self.norm_eps <= 0.0:
+            raise ValueError(f"adapter.norm_eps={self.norm_eps!r} must be > 0")
 
     @property
     def scale(self) -> float:
@@ -57,12 +78,15 @@ class AdapterKind:
     init(key, in_features, out_features, cfg) -> Leaf
     apply(leaf, x, cfg, dropout_key) -> additive output (..., out_features); dropout_key None = eval
     delta_weight(leaf, cfg) -> ΔW in (in_features, out_features) layout, so merged W = W0 + ΔW
+    factors(leaf, cfg) -> {"A": [r,in], "B": [out,r]} with ΔW = scale·(B@A).T; None when the kind
+        has no input-independent low-rank form (mixture, dense delta)
     """
 
     name: str
     init: Callable[[Array, int, int, AdapterConfig], Leaf]
     apply: Callable[[Leaf, Array, AdapterConfig, Array | None], Array]
     delta_weight: Callable[[Leaf, AdapterConfig], Array]
+    factors: Callable[[Leaf, AdapterConfig], Leaf] | None = None
 
 
 _KINDS: dict[str, AdapterKind] = {}
@@ -75,7 +99,9 @@ def register_kind(kind: AdapterKind) -> AdapterKind:
 
 def get_kind(name: str) -> AdapterKind:
     if name not in _KINDS:
-        raise ValueError(f"adapter.kind={name!r} is not known; allowed: {', '.join(sorted(_KINDS))}")
+        raise ValueError(
+            f"adapter.kind={name!r} is not known; allowed: {', '.join(sorted(_KINDS))}"
+        )
     return _KINDS[name]
 
 

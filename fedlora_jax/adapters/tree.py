@@ -1,0 +1,144 @@
+"""Functions over whole adapter trees: init, materialise, merge into the base, count, label.
+
+A tree is ``{"layers": {"3": {"attn": {"q_proj": leaf}}}}``; a *leaf* is the kind's dict of
+arrays. Everything here is pure: inputs are never mutated.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedlora_jax.adapters.base import (
+    ATTN_MODULES,
+    AdapterConfig,
+    Array,
+    Leaf,
+    get_kind,
+    get_path,
+    select_targets,
+    set_path,
+)
+from fedlora_jax.model.config import LlamaConfig
+
+Tree = dict[str, Any]
+LabelRule = Mapping[str, str] | Callable[[str, str], str]
+
+
+def module_shape(model_cfg: LlamaConfig, path: str) -> tuple[int, int]:
+    """(in_features, out_features) of the linear at ``path`` (e.g. ``layers.0.attn.q_proj``)."""
+    d, f = model_cfg.hidden_size, model_cfg.intermediate_size
+    dq = model_cfg.num_heads * model_cfg.head_dim
+    dkv = model_cfg.num_kv_heads * model_cfg.head_dim
+    shapes = {
+        "q_proj": (d, dq), "k_proj": (d, dkv), "v_proj": (d, dkv), "o_proj": (dq, d),
+        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+    }
+    return shapes[path.rsplit(".", 1)[-1]]
+
+
+def module_key(key: Array, path: str) -> Array:
+    """Per-module key from the path alone, so a module's init ignores which others are targeted."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def init_adapters(key: Array, model_cfg: LlamaConfig, adapter_cfg: AdapterConfig) -> Tree:
+    """A fresh adapter tree over ``select_targets``; the same seed gives the same leaves."""
+    kind = get_kind(adapter_cfg.kind)
+    tree: Tree = {}
+    for path in select_targets(model_cfg.num_layers, adapter_cfg):
+        n_in, n_out = module_shape(model_cfg, path)
+        set_path(tree, path, kind.init(module_key(key, path), n_in, n_out, adapter_cfg))
+    return tree
+
+
+def _is_leaf(node: Any) -> bool:
+    """A module's leaf: a non-empty dict whose values are arrays, not further dicts."""
+    if not isinstance(node, dict) or not node:
+        return False
+    return not any(isinstance(v, dict) for v in node.values())
+
+
+def _walk(node: Any, prefix: str) -> Iterator[str]:
+    if _is_leaf(node):
+        yield prefix
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else k)
+
+
+def leaf_paths(tree: Tree) -> list[str]:
+    """Dotted module paths that hold an adapter leaf, in tree order."""
+    return list(_walk(tree, ""))
+
+
+def _map_leaves(fn: Callable[[str, Leaf], Any], tree: Tree) -> Tree:
+    out: Tree = {}
+    for path in leaf_paths(tree):
+        set_path(out, path, fn(path, get_path(tree, path)))
+    return out
+
+
+def materialize(tree: Tree, cfg: AdapterConfig) -> Tree:
+    """The same tree with each leaf replaced by its LoRA factors ``{"A", "B"}``."""
+    kind = get_kind(cfg.kind)
+    if kind.factors is None:
+        raise ValueError(
+            f"adapter.kind={cfg.kind!r} has no (A, B) factor form; materialize supports "
+            "lora and decomposed"
+        )
+    return _map_leaves(lambda _, leaf: kind.factors(leaf, cfg), tree)
+
+
+def merge_into_base(base: Tree, tree: Tree, cfg: AdapterConfig) -> Tree:
+    """base' with W0 + ΔW at every adapted module (stacked layout ``layers/attn/q_proj[i]``)."""
+    kind = get_kind(cfg.kind)
+    updates: dict[tuple[str, str], list[tuple[int, Array]]] = {}
+    for path in leaf_paths(tree):
+        parts = path.split(".")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit():
+            raise ValueError(f"adapter path {path!r} is not of the form layers.<i>.<attn|mlp>.<m>")
+        group = "attn" if parts[3] in ATTN_MODULES else "mlp"
+        updates.setdefault((group, parts[3]), []).append(
+            (int(parts[1]), kind.delta_weight(get_path(tree, path), cfg))
+        )
+    layers = {g: dict(v) if isinstance(v, dict) else v for g, v in base["layers"].items()}
+    for (group, name), items in updates.items():
+        W = jnp.asarray(layers[group][name])
+        idx = [i for i, _ in items]
+        delta = jnp.stack([dw for _, dw in items])
+        if max(idx) >= W.shape[0] or delta.shape[1:] != W.shape[1:]:
+            raise ValueError(
+                f"adapter for {group}.{name} has ΔW {delta.shape[1:]} at layers {idx}; the base "
+                f"weight is {W.shape} (layers, in, out)"
+            )
+        layers[group][name] = W.at[jnp.asarray(idx)].add(delta.astype(W.dtype))
+    return {**base, "layers": layers}
+
+
+def count_params(tree: Tree) -> int:
+    """Number of scalars in the tree (communication and trainable-size reports)."""
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def label_tree(tree: Tree, rule: LabelRule) -> Tree:
+    """A tree of label strings for ``optax.partition``: one label per array.
+
+    ``rule`` is a mapping from the leaf key (``"A"``, ``"B_M"``, ``"G"`` ...) to a label, or a
+    function ``(module_path, key) -> label`` for per-module routing.
+    """
+    def label(path: str, key: str) -> str:
+        if callable(rule):
+            return rule(path, key)
+        if key not in rule:
+            raise ValueError(
+                f"label rule has no entry for adapter key {key!r} (at {path}); "
+                f"rule keys: {', '.join(sorted(rule))}"
+            )
+        return rule[key]
+
+    return _map_leaves(lambda path, leaf: {k: label(path, k) for k in leaf}, tree)
