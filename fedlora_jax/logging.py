@@ -1,0 +1,126 @@
+"""Per-round metrics: one JSON line per round in ``metrics.jsonl``, TensorBoard scalars, and a
+printed summary line under a tqdm bar over rounds.
+
+Metrics are flat dicts ``{"train/loss": 2.31, "global/rouge_l": 0.21, "local/rouge_l/mean": ...}``
+(``flatten`` turns the nested eval report into that form) so every sink treats them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested dict -> ``{"a/b/c": number}``, keeping only int/float leaves (None dropped)."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value) if isinstance(value, float) else value
+    return out
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """Rows of a run's ``metrics.jsonl`` (each has ``round`` plus flat metrics)."""
+    path = pathlib.Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _pick(metrics: Mapping[str, float], *names: str) -> list[tuple[str, float]]:
+    return [(n, metrics[n]) for n in names if n in metrics and not math.isnan(metrics[n])]
+
+
+def round_line(round_: int, rounds: int, metrics: Mapping[str, float]) -> str:
+    """The one printed line per round: train loss, global and local metrics, bytes up/down."""
+    parts = [f"round {round_}/{rounds}"]
+    train = _pick(metrics, "train/loss")
+    if train:
+        parts.append(f"train loss {train[0][1]:.4f}")
+    glob = _pick(metrics, "global/rouge_l", "global/loss")
+    if glob:
+        parts.append("global " + " ".join(f"{n.split('/')[-1]} {v:.4f}" for n, v in glob))
+    loc = _pick(metrics, "local/rouge_l/mean", "local/rouge_l/worst", "local/loss/mean")
+    if loc:
+        parts.append(
+            "local " + " ".join(f"{n.split('/', 1)[1].replace('/', ' ')} {v:.4f}" for n, v in loc)
+        )
+    comm = dict(_pick(metrics, "comm/up_bytes", "comm/down_bytes"))
+    if comm:
+        parts.append(
+            f"up {_mb(comm.get('comm/up_bytes', 0))} down {_mb(comm.get('comm/down_bytes', 0))}"
+        )
+    if "time/round_s" in metrics:
+        parts.append(f"{metrics['time/round_s']:.1f} s")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes each round's metrics to JSONL, TensorBoard and the console.
+
+    ``resume_round`` drops rows after that round from an existing ``metrics.jsonl`` (they belong
+    to rounds that the resumed run will repeat); otherwise an existing file is replaced.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | pathlib.Path,
+        *,
+        rounds: int,
+        resume_round: int | None = None,
+        progress: bool = True,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run_dir = pathlib.Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds = rounds
+        path = self.run_dir / METRICS_FILE
+        last = resume_round or 0
+        kept = [r for r in read_metrics(self.run_dir) if r["round"] <= last]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = path.open("a")
+        self._tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=resume_round)
+        self._bar = tqdm.tqdm(
+            total=rounds, initial=last, desc="rounds", unit="round", disable=not progress
+        )
+        self._echo = echo or tqdm.tqdm.write
+
+    def log(self, round_: int, metrics: Mapping[str, float]) -> None:
+        row = {"round": round_, **metrics}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for name, value in metrics.items():
+            self._tb.add_scalar(name, value, round_)
+        self._tb.flush()
+        self._bar.update(1)
+        if "train/loss" in metrics:
+            self._bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+        self._echo(round_line(round_, self.rounds, metrics))
+
+    def close(self) -> None:
+        self._bar.close()
+        self._file.close()
+        self._tb.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,198 @@
+"""Human-readable results of a run directory and comparisons across runs.
+
+``write_results`` turns a run's per-round metrics (``metrics.jsonl``) and its final evaluation
+report (``final_eval.json``) into ``results.md`` and ``metrics.png``. ``compare`` groups several
+run directories by a config key (e.g. algorithm.name), takes mean ± std over the runs of a group
+(e.g. seeds) and writes a table and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from fedlora_jax.eval.report import render_markdown  # noqa: E402
+from fedlora_jax.logging import flatten, read_metrics  # noqa: E402
+
+RESULTS_FILE = "results.md"
+PLOT_FILE = "metrics.png"
+FINAL_EVAL_FILE = "final_eval.json"
+CONFIG_FILE = "config.json"
+
+# Columns of the per-round table and panels of the plot: (metric key, label).
+ROUND_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("train/loss", "train loss"),
+    ("global/rouge_l", "global ROUGE-L"),
+    ("global/loss", "global loss"),
+    ("local/rouge_l/mean", "local ROUGE-L mean"),
+    ("local/rouge_l/worst", "local ROUGE-L worst"),
+    ("local/loss/mean", "local loss mean"),
+    ("comm/up_bytes", "up bytes/client"),
+    ("comm/down_bytes", "down bytes/client"),
+    ("time/round_s", "round s"),
+)
+PLOTTED = ("train/loss", "global/rouge_l", "local/rouge_l/mean", "global/loss", "local/loss/mean")
+# Final metrics compared across runs (flat keys of the final evaluation report).
+COMPARED: tuple[tuple[str, str], ...] = (
+    ("global/metrics/rouge_l", "global ROUGE-L"),
+    ("global/metrics/loss", "global loss"),
+    ("local/summary/rouge_l/mean", "local ROUGE-L mean"),
+    ("local/summary/rouge_l/worst", "local ROUGE-L worst"),
+    ("local/summary/loss/mean", "local loss mean"),
+)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e4 else f"{v:.4f}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def round_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: one row per round, only the columns some round has."""
+    cols = [(k, label) for k, label in ROUND_COLUMNS if any(k in row for row in history)]
+    rows = [[row["round"], *(row.get(k) for k, _ in cols)] for row in history]
+    return _table(["round", *(label for _, label in cols)], rows)
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: pathlib.Path, title: str) -> None:
+    """One panel per plotted metric present in ``history``, over rounds."""
+    keys = [k for k in PLOTTED if any(k in row for row in history)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.6 * max(1, len(keys)), 3.2))
+    for ax, key in zip(np.atleast_1d(axes), keys, strict=False):
+        points = [(row["round"], row[key]) for row in history if key in row]
+        ax.plot(*zip(*points, strict=True), marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(run_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write ``results.md`` and ``metrics.png`` from the files in ``run_dir``; return its path."""
+    run_dir = pathlib.Path(run_dir)
+    history = read_metrics(run_dir)
+    cfg = _read_json(run_dir / CONFIG_FILE) or {}
+    final = _read_json(run_dir / FINAL_EVAL_FILE)
+    title = run_dir.name
+    lines = [f"# Results: {title}", ""]
+    if cfg:
+        setting = [
+            ("model", cfg["model"]["spec"]),
+            ("algorithm", cfg["algorithm"]["name"]),
+            ("adapter", f"{cfg['adapter']['kind']} r={cfg['adapter']['r']} "
+                        f"alpha={cfg['adapter']['alpha']} targets={cfg['adapter']['targets']}"),
+            ("data", f"{cfg['data']['source']} / {cfg['data']['partition']} / "
+                     f"{cfg['data']['num_clients']} clients"),
+            ("rounds x local steps", f"{cfg['federated']['rounds']} x "
+                                     f"{cfg['federated']['local_steps']}"),
+            ("seed", cfg["run"]["seed"]),
+        ]  # fmt: skip
+        lines += _table(["setting", "value"], setting) + [""]
+    lines += ["## Final evaluation", ""]
+    lines += [render_markdown(final) if final else "_no final evaluation_\n"]
+    if history:
+        plot_history(history, run_dir / PLOT_FILE, title)
+        lines += ["## Per round", "", *round_table(history), "", f"![metrics]({PLOT_FILE})", ""]
+    path = run_dir / RESULTS_FILE
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def _get(d: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def compare(
+    run_dirs: Sequence[str | pathlib.Path],
+    out_dir: str | pathlib.Path,
+    *,
+    group_by: str = "algorithm.name",
+) -> pathlib.Path:
+    """Write ``comparison.md`` and ``comparison.png`` for ``run_dirs`` grouped by ``group_by``.
+
+    Each group's final metrics are reported as mean ± std (ddof=0) over its runs, and its
+    per-round curves are averaged over its runs (rounds present in every run of the group).
+    """
+    out_dir = pathlib.Path(out_dir)
+    groups: dict[str, list[pathlib.Path]] = {}
+    for d in map(pathlib.Path, run_dirs):
+        cfg = _read_json(d / CONFIG_FILE)
+        if cfg is None:
+            raise FileNotFoundError(f"{d}: not a run directory (no {CONFIG_FILE})")
+        key = _get(cfg, group_by)
+        if key is None:
+            raise ValueError(f"--group_by={group_by!r} is not a key of {d / CONFIG_FILE}")
+        groups.setdefault(str(key), []).append(d)
+
+    rows = []
+    for name, dirs in groups.items():
+        finals = [flatten(_read_json(d / FINAL_EVAL_FILE) or {}) for d in dirs]
+        cells: list[Any] = [name, len(dirs)]
+        for key, _ in COMPARED:
+            vals = np.array([f[key] for f in finals if key in f], dtype=np.float64)
+            cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}" if vals.size else "")
+        rows.append(cells)
+    lines = [f"# Comparison by {group_by}", ""]
+    lines += _table([group_by, "runs", *(label for _, label in COMPARED)], rows)
+    lines += ["", "mean ± std (ddof=0) over the runs of each group.", ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot_groups(groups, out_dir / "comparison.png")
+    lines += ["![comparison](comparison.png)", ""]
+    path = out_dir / "comparison.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plot_groups(groups: Mapping[str, Sequence[pathlib.Path]], path: pathlib.Path) -> None:
+    histories = {n: [read_metrics(d) for d in dirs] for n, dirs in groups.items()}
+    keys = [k for k in PLOTTED if any(k in r for hs in histories.values() for h in hs for r in h)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.6 * max(1, len(keys)), 3.2))
+    for ax, key in zip(np.atleast_1d(axes), keys, strict=False):
+        for name, hs in histories.items():
+            per_run = [{r["round"]: r[key] for r in h if key in r} for h in hs]
+            rounds = sorted(set.intersection(*(set(p) for p in per_run)))
+            if not rounds:
+                continue
+            vals = np.array([[p[r] for r in rounds] for p in per_run])
+            mean, std = vals.mean(0), vals.std(0)
+            ax.plot(rounds, mean, marker="o", label=name)
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        ax.set_title(key)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
