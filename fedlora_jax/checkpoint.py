@@ -115,13 +115,16 @@ def _storable(tree: PyTree) -> PyTree:
 
 
 def _like(restored: PyTree, like: PyTree) -> PyTree:
-    """Re-wrap raw key data where ``like`` holds typed keys; keep numpy leaves numpy."""
+    """Re-wrap raw key data where ``like`` holds typed keys; numpy and Python scalar leaves (e.g.
+    the engine's round counter) come back as their own type."""
 
     def back(r: Any, x: Any) -> Any:
         if _is_key(x):
             return jax.random.wrap_key_data(r, impl=jax.random.key_impl(x))
         if isinstance(x, np.ndarray | np.generic):
             return np.asarray(r, dtype=x.dtype)
+        if isinstance(x, bool | int | float):
+            return type(x)(r)
         return r
 
     return jax.tree.map(back, restored, like)

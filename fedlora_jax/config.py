@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import math
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +38,7 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("adapter.dropout", 0, True),
     ("federated.rounds", 1, True),
     ("federated.clients_per_round", 0, True),
-    ("federated.fraction", 0, True),
+    ("federated.client_fraction", 0, True),
     ("federated.local_steps", 1, True),
     ("federated.batch_size", 1, True),
     ("federated.chunk_size", 1, True),
@@ -100,8 +99,8 @@ def base_config() -> ConfigDict:
     c.federated = ConfigDict(
         {
             "rounds": 3,
-            "clients_per_round": 0,  # 0 = every client (see also fraction)
-            "fraction": 0.0,  # > 0: sample ceil(fraction * num_clients) per round
+            "clients_per_round": 0,  # 0 = every client (see also client_fraction)
+            "client_fraction": 0.0,  # > 0: sample max(1, round(fraction * N)) per round
             "local_steps": 4,
             "batch_size": 4,
             "backend": "vmap",
@@ -305,11 +304,15 @@ def validate(cfg: ConfigDict) -> None:
             op = ">=" if inclusive else ">"
             raise ConfigError(f"{key}={value!r} is not valid; must be {op} {low}")
     fed, data = cfg.federated, cfg.data
-    if fed.fraction > 1:
-        raise ConfigError(f"federated.fraction={fed.fraction!r} is not valid; must be in [0, 1]")
-    if fed.clients_per_round and fed.fraction:
-        raise ConfigError("federated.clients_per_round and federated.fraction are both set; "
-                          "set one (the other 0)")
+    if fed.client_fraction > 1:
+        raise ConfigError(
+            f"federated.client_fraction={fed.client_fraction!r} is not valid; must be in [0, 1]"
+        )
+    if fed.clients_per_round and fed.client_fraction:
+        raise ConfigError(
+            "federated.clients_per_round and federated.client_fraction are both set; "
+            "set one (the other 0)"
+        )
     if fed.clients_per_round > data.num_clients:
         raise ConfigError(
             f"federated.clients_per_round={fed.clients_per_round} exceeds "
@@ -329,13 +332,3 @@ def _get(cfg: ConfigDict, key: str) -> Any:
     for part in key.split("."):
         node = node[part]
     return node
-
-
-def clients_per_round(cfg: ConfigDict) -> int:
-    """Number of clients sampled each round, from clients_per_round or fraction."""
-    fed, n = cfg.federated, cfg.data.num_clients
-    if fed.clients_per_round:
-        return fed.clients_per_round
-    if fed.fraction:
-        return max(1, min(n, math.ceil(fed.fraction * n - 1e-9)))  # tolerate 0.1 * 10 = 1.0000001
-    return n

@@ -20,12 +20,14 @@ def _state(seed: int) -> dict:
         "opt": [jnp.int32(seed), jnp.ones((2,))],
         "key": jax.random.fold_in(k, 7),
         "order": np.arange(4, dtype=np.int32) + seed,
+        "round": seed,  # a Python int, like EngineState.round
     }
 
 
 def _assert_same(a: dict, b: dict) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = (v if hasattr(v, "dtype") else np.asarray(v) for v in (x, y))
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         assert x.dtype == y.dtype and x.shape == y.shape
@@ -42,6 +44,7 @@ def test_round_trip_is_exact_and_keeps_types(tmp_path: pathlib.Path) -> None:
         assert meta == {"round": 2, "history": [{"loss": 1.5}, {"loss": 1.2}]}
         _assert_same(state, _state(2))
         assert isinstance(state["order"], np.ndarray)
+        assert type(state["round"]) is int and state["round"] == 2
         # the restored key draws the same numbers as the saved one
         np.testing.assert_array_equal(
             jax.random.normal(state["key"], (3,)), jax.random.normal(_state(2)["key"], (3,))

@@ -73,9 +73,9 @@ def test_overrides_are_parsed_to_the_key_type() -> None:
         (["federated.rounds"], "expected key=value"),
         (["federated.rounds=0"], "federated.rounds=0 is not valid; must be >= 1"),
         (["optim.lr=0"], "optim.lr=0.0 is not valid; must be > 0"),
-        (["federated.fraction=1.5"], "federated.fraction=1.5 is not valid; must be in [0, 1]"),
+        (["federated.client_fraction=1.5"], "client_fraction=1.5 is not valid; must be in [0, 1]"),
         (["federated.clients_per_round=9"], "exceeds data.num_clients=4"),
-        (["federated.clients_per_round=2", "federated.fraction=0.5"], "both set"),
+        (["federated.clients_per_round=2", "federated.client_fraction=0.5"], "both set"),
     ],
 )
 def test_mistakes_are_one_line_errors(overrides: list[str], message: str) -> None:
@@ -104,20 +104,6 @@ def test_config_round_trips_through_json() -> None:
     assert config_lib.to_dict(back) == config_lib.to_dict(cfg)
     with pytest.raises(ConfigError, match="unknown config key 'federated.bogus'"):
         config_lib.from_dict({"federated": {"bogus": 1}})
-
-
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    [
-        ([], 4),
-        (["federated.clients_per_round=3"], 3),
-        (["federated.fraction=0.5"], 2),
-        (["federated.fraction=0.3"], 2),  # ceil(1.2)
-        (["federated.fraction=0.01"], 1),  # at least one client
-    ],
-)
-def test_clients_per_round(overrides: list[str], expected: int) -> None:
-    assert config_lib.clients_per_round(load_config(f"{DOLLY}:smoke", overrides)) == expected
 
 
 def test_run_name_is_derived_unless_given() -> None:
