@@ -31,6 +31,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.optimizer_state": ("fresh", "persistent"),
 }
 
+# The adapter kind each algorithm trains, used when adapter.kind = "auto" (others: lora).
+ALGORITHM_KINDS: dict[str, str] = {
+    "fedlora_optimizer": "decomposed",
+    "fedalt": "mixture",
+    "fedgalore": "dense_delta",
+}
+
 # (key, lower bound, whether the bound is inclusive)
 BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("adapter.r", 1, True),
@@ -70,7 +77,7 @@ def base_config() -> ConfigDict:
     )
     c.adapter = ConfigDict(
         {
-            "kind": "lora",
+            "kind": "auto",  # auto = the algorithm's own kind (ALGORITHM_KINDS), else lora
             "r": 8,
             "alpha": 16.0,
             "dropout": 0.05,
@@ -320,6 +327,13 @@ def validate(cfg: ConfigDict) -> None:
         )
     if cfg.adapter.dropout >= 1:
         raise ConfigError(f"adapter.dropout={cfg.adapter.dropout!r} is not valid; must be < 1")
+
+
+def adapter_kind(cfg: ConfigDict) -> str:
+    """adapter.kind, with "auto" resolved from the algorithm."""
+    if cfg.adapter.kind != "auto":
+        return cfg.adapter.kind
+    return ALGORITHM_KINDS.get(cfg.algorithm.name, "lora")
 
 
 def run_name(cfg: ConfigDict) -> str:
