@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from fedlora_jax.adapters.base import (
-    ATTN_MODULES,
     AdapterConfig,
     Array,
     Leaf,
     get_kind,
     get_path,
+    module_paths,
     select_targets,
     set_path,
 )
@@ -71,9 +71,30 @@ def _walk(node: Any, prefix: str) -> Iterator[str]:
             yield from _walk(v, f"{prefix}.{k}" if prefix else k)
 
 
+_MODULE_ORDER = {p.split(".", 2)[2]: j for j, p in enumerate(module_paths(1))}
+
+
+def _model_order(path: str) -> tuple[int, int]:
+    """(layer, position of the module inside the layer): q, k, v, o, gate, up, down."""
+    _, i, module = path.split(".", 2)
+    return int(i), _MODULE_ORDER[module]
+
+
 def leaf_paths(tree: Tree) -> list[str]:
-    """Dotted module paths that hold an adapter leaf, in tree order."""
-    return list(_walk(tree, ""))
+    """Dotted module paths that hold an adapter leaf, in model order.
+
+    Model order, not dict order: ``jax.tree.map`` sorts dict keys (so "10" before "2"), and
+    exports and reports should not depend on which function built the tree last.
+    """
+    paths = list(_walk(tree, ""))
+    for path in paths:
+        layers, i, module = ([*path.split(".", 2), "", ""])[:3]
+        if layers != "layers" or not i.isdigit() or module not in _MODULE_ORDER:
+            raise ValueError(
+                f"adapter path {path!r} is not of the form layers.<i>.attn.(q|k|v|o)_proj or "
+                "layers.<i>.mlp.(gate|up|down)_proj"
+            )
+    return sorted(paths, key=_model_order)
 
 
 def _map_leaves(fn: Callable[[str, Leaf], Any], tree: Tree) -> Tree:
@@ -99,12 +120,9 @@ def merge_into_base(base: Tree, tree: Tree, cfg: AdapterConfig) -> Tree:
     kind = get_kind(cfg.kind)
     updates: dict[tuple[str, str], list[tuple[int, Array]]] = {}
     for path in leaf_paths(tree):
-        parts = path.split(".")
-        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit():
-            raise ValueError(f"adapter path {path!r} is not of the form layers.<i>.<attn|mlp>.<m>")
-        group = "attn" if parts[3] in ATTN_MODULES else "mlp"
-        updates.setdefault((group, parts[3]), []).append(
-            (int(parts[1]), kind.delta_weight(get_path(tree, path), cfg))
+        _, i, group, name = path.split(".")
+        updates.setdefault((group, name), []).append(
+            (int(i), kind.delta_weight(get_path(tree, path), cfg))
         )
     layers = {g: dict(v) if isinstance(v, dict) else v for g, v in base["layers"].items()}
     for (group, name), items in updates.items():
