@@ -1,0 +1,308 @@
+"""Evaluate global and personal adapters: batched greedy generation + response-token loss.
+
+Every batch has the same shape (the last one is padded with copies of a real example whose
+results are dropped; prompts are left-padded and full sequences right-padded to the longest in
+the whole test set, rounded up to a multiple of ``LENGTH_BUCKET``), and the jitted functions are
+cached per static configuration (``generate`` jits with the configs static; the loss function
+is cached here). So one ``evaluate`` call compiles each function once for all
+clients, and later calls on the same test sets (every round) compile nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedlora_jax.adapters.base import AdapterConfig
+from fedlora_jax.eval.metrics import exact_match, rouge_l
+from fedlora_jax.eval.report import ExampleScore, build_report
+from fedlora_jax.model import llama, loss
+from fedlora_jax.model.config import LlamaConfig
+from fedlora_jax.model.generate import generate, left_pad
+
+PyTree = Any
+LENGTH_BUCKET = 16  # pad lengths to a multiple of this, so similar test sets share compilations
+
+
+class Decoder(Protocol):
+    """The tokenizer side the harness needs (a HF tokenizer satisfies it)."""
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalExample:
+    """One test example: what generation, scoring and the loss need."""
+
+    prompt_ids: tuple[int, ...]  # the prompt fed to greedy generation (BOS included if used)
+    references: tuple[str, ...]  # acceptable responses; a prediction scores its best match
+    tokens: tuple[int, ...]  # prompt + response (+ EOS) for the response-token loss
+    loss_mask: tuple[int, ...]  # 1 on response tokens (EOS included), len == len(tokens)
+    category: str = "all"
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.loss_mask):
+            raise ValueError(
+                f"EvalExample: tokens ({len(self.tokens)}) and loss_mask ({len(self.loss_mask)}) "
+                "differ in length"
+            )
+        if not self.prompt_ids:
+            raise ValueError("EvalExample: prompt_ids is empty")
+        if not self.references:
+            raise ValueError("EvalExample: references is empty")
+
+
+_FIELDS = ("prompt_ids", "references", "tokens", "loss_mask")
+
+
+def as_example(item: EvalExample | Mapping[str, Any]) -> EvalExample:
+    """Accept an ``EvalExample`` or a mapping with its field names (``category`` optional)."""
+    if isinstance(item, EvalExample):
+        return item
+    missing = [k for k in _FIELDS if k not in item]
+    if missing:
+        raise ValueError(f"test example lacks keys {missing}; needs {list(_FIELDS)} (+ category)")
+    return EvalExample(
+        prompt_ids=tuple(int(t) for t in item["prompt_ids"]),
+        references=tuple(str(r) for r in item["references"]),
+        tokens=tuple(int(t) for t in item["tokens"]),
+        loss_mask=tuple(int(t) for t in item["loss_mask"]),
+        category=str(item.get("category", "all")),
+    )
+
+
+# ----------------------------------------------------------------------------- jitted kernels
+
+
+@functools.cache
+def _loss_fn(cfg: LlamaConfig, adapter_cfg: AdapterConfig | None, compute_dtype: Any):
+    """(base, adapters, tokens, attn_mask, loss_mask) [B,S] -> per-example (sum_nll, n_tokens)."""
+
+    def example_nll(base: PyTree, adapters: PyTree, tokens, attn_mask, loss_mask):
+        logits = llama.apply(
+            base, adapters, tokens, attn_mask,
+            cfg=cfg, adapter_cfg=adapter_cfg, compute_dtype=compute_dtype,
+        )  # fmt: skip
+        return loss.sequence_nll(logits, tokens, loss_mask)
+
+    return jax.jit(example_nll)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _bucket(n: int) -> int:
+    return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    batch: int
+    prompt_len: int
+    seq_len: int
+
+
+def _pad_rows(rows: list[EvalExample], batch: int) -> list[EvalExample]:
+    """Fill a short last batch with copies of its first row (real data: no all-pad rows)."""
+    return rows + [rows[0]] * (batch - len(rows))
+
+
+def _sequence_batch(rows: list[EvalExample], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """Right-padded full sequences, attention mask and loss mask [B, length] (the batch format)."""
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    attn = np.zeros((len(rows), length), np.int32)
+    lmask = np.zeros((len(rows), length), np.int32)
+    for i, ex in enumerate(rows):
+        n = len(ex.tokens)
+        tokens[i, :n] = ex.tokens
+        attn[i, :n] = 1
+        lmask[i, :n] = ex.loss_mask
+    return tokens, attn, lmask
+
+
+def strip_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """Tokens before the first EOS (the EOS and anything after it are dropped)."""
+    out = []
+    for t in ids:
+        if t in eos_ids:
+            break
+        out.append(int(t))
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """Everything that stays fixed across the adapters scored in one ``evaluate`` call."""
+
+    cfg: LlamaConfig
+    adapter_cfg: AdapterConfig | None
+    tokenizer: Decoder
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    compute_dtype: Any
+    shapes: _Shapes
+
+
+def _score(
+    base: PyTree,
+    adapters: PyTree | None,
+    examples: Sequence[EvalExample],
+    client_ids: Sequence[int],
+    setup: _Setup,
+) -> tuple[list[ExampleScore], list[str]]:
+    """Scores and decoded generations of ``examples`` under one adapter, in fixed-shape batches.
+
+    With several references an example scores its best match (the SQuAD / Natural Instructions
+    convention).
+    """
+    nll_fn = _loss_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
+    shapes = setup.shapes
+    scores: list[ExampleScore] = []
+    predictions: list[str] = []
+    for start in range(0, len(examples), shapes.batch):
+        real = list(examples[start : start + shapes.batch])
+        rows = _pad_rows(real, shapes.batch)
+        # multiple=prompt_len pads every batch to the same width (prompt_len >= every prompt).
+        prompt = left_pad([ex.prompt_ids for ex in rows], setup.pad_id, multiple=shapes.prompt_len)
+        new_tokens, lengths = generate(
+            base, adapters, *prompt,
+            cfg=setup.cfg, adapter_cfg=setup.adapter_cfg, max_new_tokens=setup.max_new_tokens,
+            eos_ids=setup.eos_ids, compute_dtype=setup.compute_dtype, pad_id=setup.pad_id,
+        )  # fmt: skip
+        sequences = _sequence_batch(rows, shapes.seq_len, setup.pad_id)
+        sum_nll, n_tokens = nll_fn(base, adapters, *sequences)
+        new_tokens, lengths = np.asarray(new_tokens), np.asarray(lengths)
+        sum_nll, n_tokens = np.asarray(sum_nll), np.asarray(n_tokens)
+        for i, ex in enumerate(real):
+            ids = strip_at_eos(new_tokens[i, : int(lengths[i])].tolist(), setup.eos_ids)
+            text = setup.tokenizer.decode(ids).strip()
+            predictions.append(text)
+            scores.append(
+                ExampleScore(
+                    client_id=int(client_ids[start + i]),
+                    category=ex.category,
+                    rouge_l=max(rouge_l(text, ref) for ref in ex.references),
+                    exact_match=max(exact_match(text, ref) for ref in ex.references),
+                    sum_nll=float(sum_nll[i]),
+                    n_tokens=int(n_tokens[i]),
+                )
+            )
+    return scores, predictions
+
+
+def _records(
+    scores: list[ExampleScore], predictions: list[str], examples: Sequence[EvalExample]
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "client_id": sc.client_id,
+            "category": sc.category,
+            "prediction": pred,
+            "references": list(ex.references),
+            "rouge_l": sc.rouge_l,
+        }
+        for sc, pred, ex in zip(scores, predictions, examples, strict=True)
+    ]
+
+
+def _leading_axis(tree: PyTree) -> int:
+    sizes = {x.shape[0] for x in jax.tree.leaves(tree)}
+    if len(sizes) != 1:
+        raise ValueError(f"personal_adapters: leaves disagree on the client axis, sizes {sizes}")
+    return sizes.pop()
+
+
+def evaluate(
+    base: PyTree,
+    global_adapters: PyTree | None,
+    personal_adapters: PyTree | None,
+    clients_test: Sequence[Sequence[EvalExample | Mapping[str, Any]]],
+    *,
+    cfg: LlamaConfig,
+    adapter_cfg: AdapterConfig | None,
+    tokenizer: Decoder,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    eos_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    compute_dtype: Any = jnp.float32,
+    client_weights: Mapping[int, float] | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, list[dict[str, Any]] | None]]:
+    """The global/local report (see ``report.build_report``) for one round's models.
+
+    ``clients_test[i]`` is client i's test split; ``personal_adapters`` leaves carry a leading
+    client axis of that length. Global = ``global_adapters`` on the union of the splits; local =
+    personal adapter i on split i, or, when ``personal_adapters`` is None (FedIT, Centralised),
+    the global adapter on each split, recorded as ``local.adapter = "global"``. Pass ``{}`` as
+    ``global_adapters`` to evaluate the base model. ``eos_ids`` defaults to ``cfg.eos_ids``;
+    ``pad_id`` to ``cfg.pad_token_id``, else the first EOS id (pads are masked out either way).
+    With ``return_predictions`` also returns the decoded generations per section.
+    """
+    if global_adapters is None and personal_adapters is None:
+        raise ValueError("evaluate: both global_adapters and personal_adapters are None")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"evaluate: batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1"
+        )
+    splits = [[as_example(e) for e in split] for split in clients_test]
+    empty = [i for i, s in enumerate(splits) if not s]
+    if not splits or empty:
+        raise ValueError(f"evaluate: clients {empty or 'all'} have no test examples")
+    if personal_adapters is not None and _leading_axis(personal_adapters) != len(splits):
+        raise ValueError(
+            f"evaluate: personal_adapters has {_leading_axis(personal_adapters)} clients on its "
+            f"leading axis but clients_test has {len(splits)}"
+        )
+    eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    every = [ex for s in splits for ex in s]
+    owners = [i for i, s in enumerate(splits) for _ in s]
+    setup = _Setup(
+        cfg=cfg,
+        adapter_cfg=adapter_cfg,
+        tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos,
+        pad_id=pad_id,
+        compute_dtype=compute_dtype,
+        shapes=_Shapes(
+            batch=batch_size,
+            prompt_len=_bucket(max(len(ex.prompt_ids) for ex in every)),
+            seq_len=_bucket(max(len(ex.tokens) for ex in every)),
+        ),
+    )
+
+    global_scores, global_preds = None, None
+    if global_adapters is not None:
+        global_scores, global_preds = _score(base, global_adapters, every, owners, setup)
+    if personal_adapters is None:
+        local_scores, local_preds, local_adapter = global_scores, global_preds, "global"
+    else:
+        local_scores, local_preds, local_adapter = [], [], "personal"
+        for i, split in enumerate(splits):
+            adapters_i = jax.tree.map(lambda x, i=i: x[i], personal_adapters)
+            scores_i, preds_i = _score(base, adapters_i, split, [i] * len(split), setup)
+            local_scores += scores_i
+            local_preds += preds_i
+    report = build_report(
+        global_scores, local_scores, local_adapter=local_adapter, client_weights=client_weights
+    )
+    if not return_predictions:
+        return report
+    predictions = {
+        "global": None if global_scores is None else _records(global_scores, global_preds, every),
+        "local": _records(local_scores, local_preds, every),
+    }
+    return report, predictions
