@@ -1,0 +1,338 @@
+"""The round loop: sample → per phase (broadcast → all sampled clients in one jitted call →
+aggregate) → scatter client states back.
+
+One jitted function per (phase, backend) does the whole phase on device: gather the sampled
+clients' rows of the N-stacked client state, run ``client_update`` for all of them (vmap, chunked
+``lax.map`` or ``shard_map`` over a ``clients`` mesh axis), exclude clients whose upload or new
+state is non-finite, aggregate, and scatter. The compiled functions are cached, so the round
+loop traces each phase once per shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from fedlora_jax.federated.comm import phase_bytes
+from fedlora_jax.federated.sampling import sample_clients
+
+if TYPE_CHECKING:
+    from fedlora_jax.algorithms.base import Algorithm, Phase
+
+PyTree = Any
+Array = jax.Array
+BatchesFn = Callable[[int, "Phase", np.ndarray], Mapping[str, Any]]
+Batches = BatchesFn | Mapping[str, Any]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("vmap", "chunked", "shard_map")
+MESH_AXIS = "clients"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How rounds run. Sampling: ``clients_per_round`` or ``client_fraction`` (all when neither)."""
+
+    backend: str = "vmap"  # vmap | chunked | shard_map
+    chunk_size: int = 1  # chunked: clients vmapped together inside lax.map
+    clients_per_round: int | None = None
+    client_fraction: float | None = None
+    seed: int = 0  # sampling seed; with the round index it fixes the sampled clients
+    donate: bool = True  # donate server/client state buffers to the jitted phase (state consumed)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"federated.backend={self.backend!r} is not allowed; allowed: {', '.join(BACKENDS)}"
+            )
+        if self.chunk_size < 1:
+            raise ValueError(f"federated.chunk_size={self.chunk_size} must be >= 1")
+
+
+class EngineState(NamedTuple):
+    """Everything a run carries between rounds (a pytree: checkpoint it as is).
+
+    client_states leaves carry a leading axis over ALL N clients; ``rng`` is a raw uint32 key.
+    """
+
+    server_state: PyTree
+    client_states: PyTree
+    rng: Array
+    round: int
+
+
+def init_state(algorithm: Algorithm, base: PyTree, num_clients: int, seed: int = 0) -> EngineState:
+    """Initial state. A pooled-data algorithm (Centralised) gets one client: the union."""
+    key = jax.random.PRNGKey(seed)
+    init_key, run_key = jax.random.split(key)
+    n = 1 if algorithm.pooled_data else num_clients
+    server, clients = algorithm.init(init_key, base, n)
+    num_rows(clients)  # validates the leading axis
+    return EngineState(server, clients, run_key, 0)
+
+
+def num_rows(client_states: PyTree) -> int:
+    """N, the leading axis shared by every client-state leaf."""
+    sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(client_states)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"client_states leaves must share one leading client axis; got leading sizes {sizes}"
+        )
+    return sizes.pop()
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@functools.cache
+def clients_mesh(num_devices: int) -> jax.sharding.Mesh:
+    """A 1-D mesh named ``clients`` over the first ``num_devices`` devices."""
+    return jax.make_mesh(
+        (num_devices,), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:num_devices],
+    )
+
+
+def _pad_rows(tree: PyTree, pad: int) -> PyTree:
+    """Append ``pad`` copies of row 0 (shard_map needs K divisible by the device count)."""
+    if pad == 0:
+        return tree
+    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, 0)]), tree)
+
+
+def map_clients(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
+    """``f(base, payload, client_states[K], batches[K], keys[K]) -> (uploads, states, metrics)``
+    with a leading K on every output, built for the configured backend."""
+    update = phase.client_update
+    payload_axis = 0 if phase.per_client_broadcast else None
+    vmapped = jax.vmap(update, in_axes=(None, payload_axis, 0, 0, 0))
+    if config.backend == "vmap":
+        return vmapped
+    if config.backend == "chunked":
+
+        def chunked(base: PyTree, payload: PyTree, states: PyTree, batches: PyTree, keys: Array):
+            if phase.per_client_broadcast:
+                xs = (payload, states, batches, keys)
+                return jax.lax.map(
+                    lambda x: update(base, *x), xs, batch_size=config.chunk_size
+                )
+            xs = (states, batches, keys)
+            return jax.lax.map(
+                lambda x: update(base, payload, *x), xs, batch_size=config.chunk_size
+            )
+
+        return chunked
+
+    n_dev = jax.device_count()
+    mesh = clients_mesh(n_dev)
+    sharded = P(MESH_AXIS)
+    payload_spec = sharded if phase.per_client_broadcast else P()
+    smapped = jax.shard_map(
+        vmapped, mesh=mesh, in_specs=(P(), payload_spec, sharded, sharded, sharded),
+        out_specs=sharded, check_vma=False,
+    )
+
+    def over_mesh(base: PyTree, payload: PyTree, states: PyTree, batches: PyTree, keys: Array):
+        k = keys.shape[0]
+        pad = -k % n_dev
+        if phase.per_client_broadcast:
+            payload = _pad_rows(payload, pad)
+        out = smapped(base, payload, *_pad_rows((states, batches, keys), pad))
+        return jax.tree.map(lambda x: x[:k], out)
+
+    return over_mesh
+
+
+# ----------------------------------------------------------------------------- one phase
+
+
+def _finite_rows(tree: PyTree, k: int) -> Array:
+    """[K] bool: every float entry of the client's row is finite."""
+    ok = jnp.ones((k,), bool)
+    for x in jax.tree.leaves(tree):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            ok = ok & jnp.isfinite(x).reshape(k, -1).all(axis=1)
+    return ok
+
+
+def _where_rows(mask: Array, new: PyTree, old: PyTree) -> PyTree:
+    def pick(n: Array, o: Array) -> Array:
+        return jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _phase_core(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
+    run_clients = map_clients(phase, config)
+
+    def core(base, server, clients, ids, batches, key, sizes):
+        k = ids.shape[0]
+        payload = phase.broadcast(server, ids)
+        states = jax.tree.map(lambda x: x[ids], clients)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+        uploads, new_states, metrics = run_clients(base, payload, states, batches, keys)
+        valid = _finite_rows(uploads, k) & _finite_rows(new_states, k)
+        uploads = _where_rows(valid, uploads, jax.tree.map(jnp.zeros_like, uploads))
+        weights = jnp.where(valid, sizes, 0.0)
+        aggregated = jnp.any(weights > 0)
+        if phase.aggregate is not None:
+            new_server = phase.aggregate(server, uploads, weights, ids)
+            server = jax.tree.map(lambda n, o: jnp.where(aggregated, n, o), new_server, server)
+        new_states = _where_rows(valid, new_states, states)
+        clients = jax.tree.map(lambda a, s: a.at[ids].set(s), clients, new_states)
+        return server, clients, metrics, valid, aggregated, payload, uploads
+
+    return core
+
+
+@functools.cache
+def compiled_phase(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
+    """The jitted phase (cached per phase and config; jit caches per shape)."""
+    core = _phase_core(phase, config)
+
+    def step(base, server, clients, ids, batches, key, sizes):
+        return core(base, server, clients, ids, batches, key, sizes)[:5]
+
+    return jax.jit(step, donate_argnums=(1, 2) if config.donate else ())
+
+
+def _signature(*trees: PyTree) -> tuple:
+    leaves, treedef = jax.tree.flatten(trees)
+    return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+_COMM_CACHE: dict[tuple, tuple[int, int]] = {}
+
+
+def comm_bytes(phase: Phase, config: EngineConfig, *args: PyTree) -> tuple[int, int]:
+    """(down, up) bytes per client for this phase, from the traced payload and upload shapes.
+
+    ``args`` are the jitted phase's arguments; the shapes are traced once per signature.
+    """
+    key = (phase, config, _signature(*args))
+    if key not in _COMM_CACHE:
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), args)
+        out = jax.eval_shape(_phase_core(phase, config), *shapes)
+        _COMM_CACHE[key] = phase_bytes(
+            out[5], out[6], phase.per_client_broadcast, phase.aggregate is not None
+        )
+    return _COMM_CACHE[key]
+
+
+# ----------------------------------------------------------------------------- the round
+
+
+BATCH_KEYS = ("tokens", "loss_mask", "attn_mask")
+
+
+def phase_batches(
+    batches: Batches, round_idx: int, phase: Phase, ids: np.ndarray, num_clients: int
+) -> dict[str, Any]:
+    """The sampled clients' batches [K, steps, batch, seq] for one phase.
+
+    ``batches`` is a function (round, phase, client_ids) -> batches[K, ...]; or batches for all
+    N clients [N, steps, batch, seq] (rows gathered here); or {phase name: such batches}.
+    """
+    if callable(batches):
+        got = dict(batches(round_idx, phase, ids))
+        rows = len(ids)
+    else:
+        got = dict(batches.get(phase.name, batches))
+        rows = num_clients
+    missing = [k for k in BATCH_KEYS if k not in got]
+    if missing:
+        raise ValueError(f"batches for phase {phase.name!r} lack keys {missing}; need {BATCH_KEYS}")
+    shape = np.shape(got["tokens"])
+    if len(shape) != 4 or shape[0] != rows or shape[1] != phase.steps:
+        raise ValueError(
+            f"batches for phase {phase.name!r} have shape {shape}; expected "
+            f"[{rows} clients, {phase.steps} steps, batch, seq]"
+        )
+    if not callable(batches):
+        got = {k: np.asarray(v)[ids] for k, v in got.items()}
+    return got
+
+
+def _host_metrics(phase: Phase, ids: np.ndarray, metrics: dict, valid: np.ndarray) -> dict:
+    out: dict[str, Any] = {}
+    for name, values in metrics.items():
+        values = np.asarray(values, np.float64)
+        out[f"{phase.name}/{name}"] = float(values[valid].mean()) if valid.any() else float("nan")
+        out[f"{phase.name}/per_client/{name}"] = values.tolist()
+    out[f"{phase.name}/excluded"] = ids[~valid].tolist()
+    return out
+
+
+def run_round(
+    algorithm: Algorithm,
+    state: EngineState,
+    base: PyTree,
+    batches: Batches,
+    client_sizes: Any,
+    config: EngineConfig = EngineConfig(),
+) -> tuple[EngineState, dict[str, Any]]:
+    """One federated round; returns the new state and the round metrics.
+
+    ``client_sizes`` [N] are the clients' training-set sizes (aggregation weights). With
+    ``config.donate`` the input state's buffers are consumed: keep only the returned state.
+    Metrics: per phase ``<phase>/<metric>`` (mean over valid clients), ``<phase>/per_client/...``,
+    ``<phase>/excluded`` (non-finite clients), ``<phase>/aggregated``; ``comm/*`` bytes.
+    """
+    start = time.perf_counter()
+    n = num_rows(state.client_states)
+    sizes = np.asarray(client_sizes, np.float32).reshape(-1)
+    if algorithm.pooled_data:
+        ids = np.zeros((1,), np.int32)
+        sizes = np.asarray([sizes.sum()], np.float32)
+    else:
+        if sizes.shape[0] != n:
+            raise ValueError(
+                f"client_sizes has {sizes.shape[0]} entries; the state has {n} clients"
+            )
+        ids = sample_clients(
+            config.seed, state.round, n, config.clients_per_round, config.client_fraction
+        )
+    if len(ids) == 0:
+        raise ValueError(f"round {state.round}: no clients sampled")
+    if config.backend == "shard_map" and len(ids) % jax.device_count():
+        log.info("shard_map: padding %d clients to a multiple of %d devices",
+                 len(ids), jax.device_count())
+    metrics: dict[str, Any] = {"round": state.round, "clients": ids.tolist()}
+    down = up = 0
+    server, clients = state.server_state, state.client_states
+    round_key = jax.random.fold_in(state.rng, state.round)
+    ids_dev, sizes_dev = jnp.asarray(ids), jnp.asarray(sizes[ids])
+    for p, phase in enumerate(algorithm.phases):
+        b = phase_batches(batches, state.round, phase, ids, n)
+        args = (base, server, clients, ids_dev, b, jax.random.fold_in(round_key, p), sizes_dev)
+        d, u = comm_bytes(phase, config, *args)
+        down, up = down + d, up + u
+        server, clients, phase_metrics, valid, aggregated = compiled_phase(phase, config)(*args)
+        valid = np.asarray(valid)
+        metrics.update(_host_metrics(phase, ids, jax.device_get(phase_metrics), valid))
+        metrics[f"{phase.name}/aggregated"] = bool(aggregated) if phase.aggregate else False
+        if not valid.all():
+            log.warning("round %d phase %s: clients %s sent non-finite values; excluded",
+                        state.round, phase.name, ids[~valid].tolist())
+        if phase.aggregate is not None and not aggregated:
+            log.warning("round %d phase %s: no valid client; server state kept",
+                        state.round, phase.name)
+    if algorithm.pooled_data:
+        down = up = 0  # one process holds the pooled data: nothing is communicated
+    k = len(ids)
+    metrics.update({
+        "comm/down_bytes_per_client": down, "comm/up_bytes_per_client": up,
+        "comm/down_bytes": down * k, "comm/up_bytes": up * k,
+        "time_s": time.perf_counter() - start,
+    })
+    return EngineState(server, clients, state.rng, state.round + 1), metrics
