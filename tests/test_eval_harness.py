@@ -18,11 +18,18 @@ import pytest
 
 from fedlora_jax.adapters.base import AdapterConfig
 from fedlora_jax.adapters.tree import init_adapters
-from fedlora_jax.eval.harness import EvalExample, as_example, evaluate, strip_at_eos
+from fedlora_jax.eval.harness import (
+    EvalExample,
+    as_example,
+    evaluate,
+    from_tokenized,
+    strip_at_eos,
+)
 from fedlora_jax.model import llama
 from fedlora_jax.model.convert import load_hf_folder
 from fedlora_jax.model.generate import generate
 from fedlora_jax.model.loss import lm_loss
+from fedlora_jax.model.tokenizer import load_tokenizer
 
 MAX_NEW = 4
 # (prompt, response) per client; category alternates so the breakdown has two groups.
@@ -43,9 +50,7 @@ def model(stories_dir: pathlib.Path):
 
 @pytest.fixture(scope="module")
 def tokenizer(stories_dir: pathlib.Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(stories_dir)
+    return load_tokenizer(stories_dir)
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +248,32 @@ def test_bad_inputs_have_clear_errors(model, adapters, clients_test, tokenizer) 
         EvalExample(prompt_ids=(1,), references=("x",), tokens=(1, 2), loss_mask=(1,))
 
 
-def test_mapping_examples_and_best_reference() -> None:
+def test_mapping_examples_and_strip_at_eos() -> None:
     ex = as_example({"prompt_ids": [1, 5], "references": ["a", "b"], "tokens": [1, 5, 2],
                      "loss_mask": [0, 0, 1]})  # fmt: skip
     assert ex == EvalExample((1, 5), ("a", "b"), (1, 5, 2), (0, 0, 1), "all")
     assert strip_at_eos([5, 6, 2, 7, 2], (2,)) == [5, 6]
     assert strip_at_eos([5, 6], (2,)) == [5, 6]
+
+
+def test_from_tokenized_data_module(tokenizer) -> None:
+    from fedlora_jax.data.rows import Example
+    from fedlora_jax.data.tokenize import tokenize_examples
+
+    rows = [
+        Example("Say hi", "", "hi there", "open_qa", 1),
+        Example(
+            "Name a color", "red or blue", "red", "classification", 2, references=("red", "blue")
+        ),
+    ]
+    ts, _ = tokenize_examples(rows, tokenizer, max_seq_len=256, rows=[1, 0])
+    out = from_tokenized(ts, rows)
+    assert [ex.category for ex in out] == ["classification", "open_qa"]
+    assert out[0].references == ("red", "blue") and out[1].references == ("hi there",)
+    for ex in out:
+        n_prompt = len(ex.prompt_ids)
+        assert ex.tokens[:n_prompt] == ex.prompt_ids and ex.tokens[0] == tokenizer.bos_token_id
+        assert ex.loss_mask == (0,) * n_prompt + (1,) * (len(ex.tokens) - n_prompt)
+        assert ex.tokens[-1] == tokenizer.eos_token_id
+    response = out[1].tokens[len(out[1].prompt_ids) : -1]
+    assert tokenizer.decode(list(response)).strip() == "hi there"

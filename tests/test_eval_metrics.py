@@ -7,6 +7,7 @@ import math
 import pytest
 
 from fedlora_jax.eval.metrics import (
+    best_match,
     exact_match,
     mean_token_loss,
     normalize_answer,
@@ -74,6 +75,18 @@ def test_normalize_answer(text: str, normalised: str) -> None:
 )
 def test_exact_match(prediction: str, reference: str, expected: float) -> None:
     assert exact_match(prediction, reference) == expected
+
+
+def test_best_match_takes_the_max_per_metric() -> None:
+    # ROUGE-L: vs "a red bus" LCS 1 of 2 and 3 -> F = 0.4; vs "the red car" (ROUGE keeps the
+    # article) LCS 2 of 2 and 3 -> P = 1, R = 2/3, F = 0.8. EM: "The red car." normalises to
+    # "red car" -> 1.
+    rouge, em = best_match("red car", ["a red bus", "The red car."])
+    assert rouge == pytest.approx(0.8) and em == 1.0
+    rouge, em = best_match("red car", ["a red bus", "blue"])
+    assert rouge == pytest.approx(_f1(1 / 2, 1 / 3)) and em == 0.0
+    with pytest.raises(ValueError, match="references is empty"):
+        best_match("x", [])
 
 
 def test_mean_token_loss_is_token_weighted() -> None:

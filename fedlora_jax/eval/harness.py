@@ -3,9 +3,9 @@
 Every batch has the same shape (the last one is padded with copies of a real example whose
 results are dropped; prompts are left-padded and full sequences right-padded to the longest in
 the whole test set, rounded up to a multiple of ``LENGTH_BUCKET``), and the jitted functions are
-cached per static configuration (``generate`` jits with the configs static; the loss function
-is cached here). So one ``evaluate`` call compiles each function once for all
-clients, and later calls on the same test sets (every round) compile nothing.
+cached per static configuration (``generate`` jits with the configs static; the loss function is
+cached here). So one ``evaluate`` call compiles each function once for all clients, and later
+calls on the same test sets (every round) compile nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax.adapters.base import AdapterConfig
-from fedlora_jax.eval.metrics import exact_match, rouge_l
+from fedlora_jax.eval.metrics import best_match
 from fedlora_jax.eval.report import ExampleScore, build_report
 from fedlora_jax.model import llama, loss
 from fedlora_jax.model.config import LlamaConfig
@@ -59,6 +59,37 @@ class EvalExample:
 
 
 _FIELDS = ("prompt_ids", "references", "tokens", "loss_mask")
+
+
+class TokenizedRows(Protocol):
+    """The fields of ``fedlora_jax.data.tokenize.TokenizedSet`` the harness reads."""
+
+    tokens: np.ndarray  # [n, width], right-padded
+    lengths: np.ndarray  # [n] real tokens per row
+    prompt_lengths: np.ndarray  # [n] prompt tokens (BOS included); the response follows
+    row_ids: np.ndarray  # [n] indices into the example list
+
+
+def from_tokenized(tokenized: TokenizedRows, examples: Sequence[Any]) -> list[EvalExample]:
+    """EvalExamples from the data module's tokenised test split and its rows.
+
+    ``examples[row_id]`` must have ``category`` and ``all_references`` (``data.rows.Example``).
+    The references are the full texts even when the tokenised response was truncated.
+    """
+    out = []
+    for i, row in enumerate(tokenized.row_ids):
+        n, p = int(tokenized.lengths[i]), int(tokenized.prompt_lengths[i])
+        ex = examples[int(row)]
+        out.append(
+            EvalExample(
+                prompt_ids=tuple(int(t) for t in tokenized.tokens[i, :p]),
+                references=tuple(ex.all_references),
+                tokens=tuple(int(t) for t in tokenized.tokens[i, :n]),
+                loss_mask=(0,) * p + (1,) * (n - p),
+                category=str(ex.category),
+            )
+        )
+    return out
 
 
 def as_example(item: EvalExample | Mapping[str, Any]) -> EvalExample:
@@ -160,11 +191,7 @@ def _score(
     client_ids: Sequence[int],
     setup: _Setup,
 ) -> tuple[list[ExampleScore], list[str]]:
-    """Scores and decoded generations of ``examples`` under one adapter, in fixed-shape batches.
-
-    With several references an example scores its best match (the SQuAD / Natural Instructions
-    convention).
-    """
+    """Scores and decoded generations of ``examples`` under one adapter, in fixed-shape batches."""
     nll_fn = _loss_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
     shapes = setup.shapes
     scores: list[ExampleScore] = []
@@ -187,12 +214,13 @@ def _score(
             ids = strip_at_eos(new_tokens[i, : int(lengths[i])].tolist(), setup.eos_ids)
             text = setup.tokenizer.decode(ids).strip()
             predictions.append(text)
+            rouge, em = best_match(text, ex.references)
             scores.append(
                 ExampleScore(
                     client_id=int(client_ids[start + i]),
                     category=ex.category,
-                    rouge_l=max(rouge_l(text, ref) for ref in ex.references),
-                    exact_match=max(exact_match(text, ref) for ref in ex.references),
+                    rouge_l=rouge,
+                    exact_match=em,
                     sum_nll=float(sum_nll[i]),
                     n_tokens=int(n_tokens[i]),
                 )
@@ -265,6 +293,7 @@ def evaluate(
             f"leading axis but clients_test has {len(splits)}"
         )
     eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
+    compute_dtype = jnp.dtype(compute_dtype)  # one cache key for jnp.float32 / "float32" / ...
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
     every = [ex for s in splits for ex in s]

@@ -15,7 +15,7 @@ import functools
 import math
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from rouge_score import rouge_scorer
 
@@ -43,6 +43,17 @@ def normalize_answer(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 when the normalised strings are equal, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def best_match(prediction: str, references: Sequence[str]) -> tuple[float, float]:
+    """(ROUGE-L F1, exact match), each the max over ``references`` (SQuAD / Natural Instructions
+    convention: a prediction is as good as its closest acceptable answer)."""
+    if not references:
+        raise ValueError("best_match: references is empty")
+    return (
+        max(rouge_l(prediction, ref) for ref in references),
+        max(exact_match(prediction, ref) for ref in references),
+    )
 
 
 def mean_token_loss(pairs: Iterable[tuple[float, int]]) -> tuple[float, int]:
