@@ -211,16 +211,23 @@ def test_second_call_does_not_retrace(run) -> None:
     assert again == report
 
 
-def test_without_personal_local_is_global(model, adapters, clients_test, tokenizer) -> None:
+def test_without_personal_local_is_global(run, model, adapters, clients_test, tokenizer) -> None:
     cfg, base = model
     glob, _ = adapters
     kwargs = dict(cfg=cfg, adapter_cfg=ADAPTER, tokenizer=tokenizer, max_new_tokens=MAX_NEW,
                   batch_size=2)  # fmt: skip
     report = evaluate(base, glob, None, clients_test, **kwargs)
     assert report["local"]["adapter"] == "global"
+    assert report["global"] == run[0]["global"]
     g = report["global"]["metrics"]
     # data-weighted mean over clients of the global adapter = the example-weighted global mean
     assert report["local"]["summary"]["rouge_l"]["weighted_mean"] == pytest.approx(g["rouge_l"])
+    # FedIT / FFA-LoRA hand back the global adapter replicated per client: same report.
+    replicated = jax.tree.map(lambda x: jnp.stack([x, x]), glob)
+    assert evaluate(base, glob, replicated, clients_test, **kwargs) == report
+    # A personal set that differs for one client only is scored as personal.
+    nudged = jax.tree.map(lambda x: x.at[1].add(1e-3), replicated)
+    assert evaluate(base, glob, nudged, clients_test, **kwargs)["local"]["adapter"] == "personal"
 
 
 def test_local_only_has_no_global(run, model, adapters, clients_test, tokenizer) -> None:
