@@ -282,10 +282,10 @@ def evaluate(
     client axis of that length. Global = ``global_adapters`` on the union of the splits; local =
     personal adapter i on split i, or, when ``personal_adapters`` is None or a replica of the
     global adapter (FedIT, FFA-LoRA, Centralised), the global adapter on each split, recorded as
-    ``local.adapter = "global"``. Pass ``{}`` as
-    ``global_adapters`` to evaluate the base model. ``eos_ids`` defaults to ``cfg.eos_ids``;
-    ``pad_id`` to ``cfg.pad_token_id``, else the first EOS id (pads are masked out either way).
-    With ``return_predictions`` also returns the decoded generations per section.
+    ``local.adapter = "global"``. Pass ``{}`` as ``global_adapters`` to evaluate the base model.
+    ``eos_ids`` defaults to ``cfg.eos_ids``; ``pad_id`` to ``cfg.pad_token_id``, else the first
+    EOS id (pads are masked out either way). With ``return_predictions`` also returns the decoded
+    generations per section.
     """
     if global_adapters is None and personal_adapters is None:
         raise ValueError("evaluate: both global_adapters and personal_adapters are None")
