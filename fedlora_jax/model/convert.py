@@ -229,22 +229,26 @@ def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(path.stat().st_size - 8, 100 * 2**20):  # the format caps headers at 100 MB
+                raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ModelLoadError(
-                f"{path}: tensor {name!r} has dtype {info['dtype']}; supported: "
-                f"{', '.join(_ST_DTYPES)} (quantised safetensors are not supported)"
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ModelLoadError(
+                    f"{path}: tensor {name!r} has dtype {info['dtype']}; supported: "
+                    f"{', '.join(_ST_DTYPES)} (quantised safetensors are not supported)"
+                )
+            start, end = info["data_offsets"]
+            entries[name] = _Entry(
+                path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start
             )
-        start, end = info["data_offsets"]
-        entries[name] = _Entry(
-            path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start
-        )
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({e!r})") from None
     return entries
 
 
