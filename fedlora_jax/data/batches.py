@@ -1,0 +1,137 @@
+"""Fixed-shape batches from tokenised rows: training rounds, and evaluation chunks.
+
+Training sampling is an epoch stream per client: the client's rows in a seeded permutation per
+epoch (epoch e of client c uses the generator of (seed, c, e)), concatenated; round r takes the
+next ``steps * batch_size`` positions. So each row is seen once per epoch, a client with fewer
+rows than a round needs repeats rows (its round spans several epochs), and a round's batches
+depend only on (seed, round, client_id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fedlora_jax.data.rows import DataError
+from fedlora_jax.data.tokenize import TokenizedSet
+
+
+def _fit_width(ts: TokenizedSet, seq_len: int) -> TokenizedSet:
+    """The set at width ``seq_len`` (padding more, or cutting columns that are padding only)."""
+    if len(ts) and int(ts.lengths.max()) > seq_len:
+        raise DataError(
+            f"seq_len={seq_len}: shorter than the longest row "
+            f"({int(ts.lengths.max())} tokens); use data.max_seq_len <= seq_len"
+        )
+    if seq_len <= ts.width:
+        tokens = ts.tokens[:, :seq_len]
+    else:
+        tokens = np.full((len(ts), seq_len), ts.pad_id, np.int32)
+        tokens[:, : ts.width] = ts.tokens
+    return dataclasses.replace(ts, tokens=tokens)
+
+
+def epoch_stream(n: int, start: int, count: int, *, seed: int, client_id: int) -> np.ndarray:
+    """Positions ``[start, start + count)`` of the client's epoch-permutation stream over n rows."""
+    if n < 1:
+        raise DataError(f"client {client_id}: no training rows to sample from")
+    first, last = start // n, (start + count - 1) // n
+    stream = np.concatenate(
+        [
+            np.random.default_rng(np.random.SeedSequence([seed, 2, client_id, e])).permutation(n)
+            for e in range(first, last + 1)
+        ]
+    )
+    return stream[start - first * n : start - first * n + count]
+
+
+def client_round_batches(
+    tokenized_client: TokenizedSet,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    round: int,
+    client_id: int,
+) -> dict[str, np.ndarray]:
+    """One round of a client's training input: int32 ``tokens, loss_mask, attn_mask``
+    of shape [steps, batch_size, seq_len], right-padded."""
+    need = steps * batch_size
+    pos = epoch_stream(len(tokenized_client), round * need, need, seed=seed, client_id=client_id)
+    ts = _fit_width(tokenized_client.take(pos), seq_len)
+    shape = (steps, batch_size, seq_len)
+    return {
+        "tokens": ts.tokens.reshape(shape),
+        "loss_mask": ts.loss_mask().reshape(shape),
+        "attn_mask": ts.attn_mask().reshape(shape),
+    }
+
+
+def stack_clients(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack per-client round batches on a leading client axis: [K, steps, batch, seq]."""
+    if not batches:
+        raise DataError("stack_clients: no clients given")
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _chunks(ts: TokenizedSet, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions [C, chunk], valid [C, chunk]): the set in fixed chunks, the last one padded."""
+    if chunk_size < 1:
+        raise DataError(f"chunk_size={chunk_size}: must be at least 1")
+    n_chunks = max(1, -(-len(ts) // chunk_size))
+    idx = np.arange(n_chunks * chunk_size)
+    valid = (idx < len(ts)).astype(np.int32)
+    return np.where(valid, idx, 0).reshape(n_chunks, chunk_size), valid.reshape(n_chunks, -1)
+
+
+def eval_loss_batches(ts: TokenizedSet, *, chunk_size: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Full sequences for response-token loss: ``tokens, loss_mask, attn_mask`` [C, chunk, seq]
+    right-padded, ``valid`` [C, chunk] (0 = padding row, repeated row 0 with masks zeroed) and
+    ``row_ids`` [C, chunk] (-1 on padding rows)."""
+    if len(ts) == 0:
+        raise DataError("eval_loss_batches: empty set")
+    pos, valid = _chunks(ts, chunk_size)
+    sub = _fit_width(ts.take(pos.reshape(-1)), seq_len)
+    shape = (*pos.shape, seq_len)
+    v = valid.reshape(-1, 1)
+    return {
+        "tokens": sub.tokens.reshape(shape),
+        "loss_mask": (sub.loss_mask() * v).reshape(shape),
+        "attn_mask": sub.attn_mask().reshape(shape),
+        "valid": valid,
+        "row_ids": np.where(valid, sub.row_ids.reshape(pos.shape), -1),
+    }
+
+
+def eval_prompt_batches(
+    ts: TokenizedSet, *, chunk_size: int, prompt_len: int | None = None
+) -> dict[str, np.ndarray]:
+    """Prompts (BOS + prompt, no response) LEFT-padded for batched generation.
+
+    ``tokens, attn_mask`` [C, chunk, P] with P = ``prompt_len`` (default: the longest prompt in
+    the set; pass a fixed value so every client's chunks share one compiled shape), ``valid``
+    and ``row_ids`` as in ``eval_loss_batches``. References are ``examples[row_ids]``.
+    """
+    if len(ts) == 0:
+        raise DataError("eval_prompt_batches: empty set")
+    pos, valid = _chunks(ts, chunk_size)
+    longest = int(ts.prompt_lengths.max())
+    width = prompt_len or longest
+    if width < longest:
+        raise DataError(f"prompt_len={prompt_len}: shorter than the longest prompt ({longest})")
+    flat = pos.reshape(-1)
+    p_len = ts.prompt_lengths[flat]
+    t = np.arange(width)[None, :]
+    shift = (width - p_len)[:, None]  # left padding per row
+    src = np.clip(t - shift, 0, ts.width - 1)
+    real = t >= shift
+    tokens = np.where(real, np.take_along_axis(ts.tokens[flat], src, axis=1), ts.pad_id)
+    shape = (*pos.shape, width)
+    return {
+        "tokens": tokens.astype(np.int32).reshape(shape),
+        "attn_mask": real.astype(np.int32).reshape(shape),
+        "valid": valid,
+        "row_ids": np.where(valid, ts.row_ids[flat].reshape(pos.shape), -1),
+    }

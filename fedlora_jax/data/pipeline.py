@@ -1,0 +1,181 @@
+"""One entry point: config + tokenizer -> per-client tokenised train sets and test splits.
+
+Order: load and validate -> partition (on the validated rows, so a partition does not move when
+the tokenizer or max_seq_len changes) -> per-client train/test split -> tokenise every needed
+row once -> drop rows that cannot fit (counted). The table describes the partition itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedlora_jax.data import partition as P
+from fedlora_jax.data.config import DataConfig
+from fedlora_jax.data.rows import DataError, Example
+from fedlora_jax.data.sources import load_source
+from fedlora_jax.data.tables import CategoryTable, client_category_table
+from fedlora_jax.data.tokenize import TokenizedSet, tokenize_examples
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+    """Held-out rows: full sequences (loss) and prompts (generation) of the same rows."""
+
+    rows: np.ndarray  # indices into FederatedData.examples
+    full: TokenizedSet
+    prompts: TokenizedSet
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+    """One client's data; ``train`` feeds ``client_round_batches``."""
+
+    client_id: int
+    name: str
+    train_rows: np.ndarray
+    train: TokenizedSet
+    test: EvalSplit
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedData:
+    """Everything a run needs from the data side.
+
+    ``drop_counts`` merges load-time drops and ``too_long`` (tokenisation); ``duplicates``
+    counts exact duplicate rows found at load. ``global_test`` is Shepherd's 80-row set.
+    """
+
+    clients: list[ClientData]
+    examples: list[Example]
+    table: CategoryTable
+    drop_counts: dict[str, int]
+    duplicates: int
+    global_test: EvalSplit | None
+    config: DataConfig
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Aggregation weights: each client's number of training rows."""
+        return np.array([c.num_train for c in self.clients], np.float32)
+
+    def references(self, row_ids: np.ndarray) -> list[tuple[str, ...]]:
+        """Reference answers for evaluation rows (``row_ids`` from eval batches; -1 skipped)."""
+        return [self.examples[int(r)].all_references for r in np.ravel(row_ids) if r >= 0]
+
+
+def _partition(cfg: DataConfig, examples: list[Example]) -> tuple[P.Partition, np.ndarray | None]:
+    categories = np.array([ex.category for ex in examples])
+    if cfg.partition == "iid":
+        return P.iid(len(examples), cfg.num_clients, seed=cfg.seed), None
+    if cfg.partition == "by_category":
+        return P.by_category(
+            categories,
+            cfg.num_clients,
+            categories_per_client=cfg.categories_per_client,
+            seed=cfg.seed,
+        ), None
+    if cfg.partition == "dirichlet":
+        return P.dirichlet(
+            categories,
+            cfg.num_clients,
+            alpha=cfg.alpha,
+            min_size=cfg.min_client_size,
+            seed=cfg.seed,
+        ), None
+    if cfg.partition == "shepherd":
+        if cfg.source != "dolly" or cfg.path:
+            raise DataError("data.partition='shepherd': needs data.source='dolly' with path=''")
+        clients, global_test = P.shepherd(np.array([ex.source_line for ex in examples]))
+        if cfg.num_clients not in (0, len(clients)):
+            raise DataError(f"data.num_clients={cfg.num_clients}: shepherd has {len(clients)}")
+        return clients, global_test
+    groups = np.array([ex.group for ex in examples])
+    if not all(groups):
+        raise DataError(
+            f"data.partition={cfg.partition!r}: rows have no group id; set "
+            "data.fields.group (NI rows carry their task)"
+        )
+    return P.by_group(groups, cfg.num_clients, seed=cfg.seed), None
+
+
+def prepare_federated_data(
+    data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *, verbose: bool = True
+) -> FederatedData:
+    """Load, validate, partition, split and tokenise (see the module docstring)."""
+    cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig.from_mapping(data_cfg)
+    loaded = load_source(
+        cfg.source,
+        cfg.path,
+        fields=cfg.fields,
+        on_bad_row=cfg.on_bad_row,
+        dedupe=cfg.dedupe,
+        verbose=verbose,
+    )
+    examples = loaded.examples
+    if not examples:
+        raise DataError(f"{loaded.source}: no valid rows")
+    parts, global_rows = _partition(cfg, examples)
+    splits = [
+        P.train_test_split(
+            rows, test_fraction=cfg.test_fraction, test_cap=cfg.test_cap, seed=cfg.seed, client_id=k
+        )
+        for k, rows in enumerate(parts)
+    ]
+    eval_rows = np.concatenate(
+        [s[1] for s in splits] + ([global_rows] if global_rows is not None else [])
+    )
+    tok = {
+        "template": cfg.template,
+        "min_response_tokens": cfg.min_response_tokens,
+        "min_instruction_tokens": cfg.min_instruction_tokens,
+    }
+    full, drops_full = tokenize_examples(examples, tokenizer, max_seq_len=cfg.max_seq_len, **tok)
+    prompts, drops_prompt = tokenize_examples(
+        examples,
+        tokenizer,
+        max_seq_len=cfg.max_prompt_len or cfg.max_seq_len,
+        with_response=False,
+        rows=np.unique(eval_rows).tolist(),
+        **tok,
+    )
+
+    def eval_split(rows: np.ndarray) -> EvalSplit:
+        ok = np.intersect1d(np.intersect1d(rows, full.row_ids), prompts.row_ids)
+        return EvalSplit(ok, full.select_rows(ok), prompts.select_rows(ok))
+
+    clients = []
+    for k, (train_rows, test_rows) in enumerate(splits):
+        train = full.select_rows(train_rows)
+        if len(train) == 0:
+            raise DataError(
+                f"client {k}: no training row fits data.max_seq_len={cfg.max_seq_len}; raise it"
+            )
+        clients.append(ClientData(k, f"client_{k}", train.row_ids, train, eval_split(test_rows)))
+    drops = collections.Counter(loaded.drop_counts)
+    drops["too_long"] += drops_full.get("too_long", 0)
+    drops["too_long_prompt"] += drops_prompt.get("too_long", 0)
+    drop_counts = {k: v for k, v in drops.items() if v}
+    if verbose and (drops_full or drops_prompt):
+        print(
+            f"[data] tokenisation dropped {drops['too_long']} rows (and "
+            f"{drops['too_long_prompt']} eval prompts) longer than max_seq_len={cfg.max_seq_len}"
+        )
+    categories = np.array([ex.category for ex in examples])
+    return FederatedData(
+        clients=clients,
+        examples=examples,
+        table=client_category_table(parts, categories, [c.name for c in clients]),
+        drop_counts=drop_counts,
+        duplicates=loaded.duplicates,
+        global_test=eval_split(global_rows) if global_rows is not None else None,
+        config=cfg,
+    )
