@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fedlora_jax.data.rows import DataError, LoadResult
-from fedlora_jax.data.validate import InvalidJSON, RawRecord, validate_records
+from fedlora_jax.data.validate import InvalidJSON, RawRecord, resolve_fields, validate_records
 
 SOURCES = ("dolly", "natural_instructions", "path")
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
@@ -120,6 +120,7 @@ def load_instructions(
     verbose: bool = True,
 ) -> LoadResult:
     """Any instruction dataset by path or hub id, with ``fields`` mapping logical -> column."""
+    fields = resolve_fields(fields)  # config mistakes first, before any reading
     records, label = _records(path)
     return validate_records(
         records, source=label, fields=fields, on_bad_row=on_bad_row, dedupe=dedupe, verbose=verbose
