@@ -380,7 +380,7 @@ def test_smollm2_weights_and_logits_match_transformers(smol, smol_hf) -> None:
     ours = np.asarray(apply(base, None, tokens, np.ones_like(tokens), cfg=cfg))
     with torch.no_grad():
         theirs = smol_hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
-    assert np.abs(ours - theirs).max() < 2e-3 * np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() < 5e-4  # measured 6.5e-5 (logits up to 31)
     assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
