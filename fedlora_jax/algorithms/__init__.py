@@ -5,6 +5,7 @@ To add a built-in algorithm, add its module to the import list below (one name p
 
 from fedlora_jax.algorithms import (  # noqa: F401 (imports register the builders)
     centralized,
+    fedalt,
     fedgalore,
     fedit,
     fedsa_lora,
