@@ -20,6 +20,7 @@ from fedlora_jax.federated.local import LossFn, local_train, opt_state_or_init
 PyTree = Any
 Array = jax.Array
 Tree = dict[str, Any]
+Batch = Mapping[str, Array]  # one client's batches, leaves [steps, batch, seq]
 
 
 def _is_leaf(node: Any) -> bool:

@@ -14,8 +14,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fedlora_jax.adapters import init_adapters
-from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, register
+from fedlora_jax.algorithms.base import (
+    Algorithm,
+    Array,
+    ClientTraining,
+    Phase,
+    PyTree,
+    register,
+)
 from fedlora_jax.algorithms.common import (
+    Batch,
     init_client_states,
     label_by_key,
     merge_trees,
@@ -37,17 +45,19 @@ def fedsa_lora(training: ClientTraining) -> Algorithm:
     labels = label_by_key({"A": "global", "B": "local"})
     tx = make_optimizer(training, labels, steps)
 
-    def init(key, base, num_clients):
+    def init(key: Array, base: PyTree, num_clients: int) -> tuple[PyTree, PyTree]:
         adapters = init_adapters(key, training.model, training.adapter)
         clients = init_client_states(training, tx, adapters, num_clients)
         clients["B"] = replicate(select_keys(adapters, ("B",)), num_clients)
         server = {"A": select_keys(adapters, ("A",)), "weights": jnp.zeros((num_clients,))}
         return server, clients
 
-    def broadcast(server, client_ids):
+    def broadcast(server: PyTree, client_ids: Array) -> PyTree:
         return server["A"]
 
-    def client_update(base, payload, client_state, batches, key):
+    def client_update(
+        base: PyTree, payload: PyTree, client_state: PyTree, batches: Batch, key: Array
+    ) -> tuple[PyTree, PyTree, dict[str, Array]]:
         params = merge_trees(payload, client_state["B"])
         rest = {k: v for k, v in client_state.items() if k != "B"}
         params, rest, metrics = train_client(
@@ -55,13 +65,15 @@ def fedsa_lora(training: ClientTraining) -> Algorithm:
         )
         return select_keys(params, ("A",)), {**rest, "B": select_keys(params, ("B",))}, metrics
 
-    def aggregate(server, uploads, weights, client_ids):
+    def aggregate(
+        server: PyTree, uploads: PyTree, weights: Array, client_ids: Array
+    ) -> PyTree:
         seen = server["weights"].at[client_ids].set(
             jnp.where(weights > 0, weights, server["weights"][client_ids])
         )
         return {"A": fedavg(uploads, weights), "weights": seen}
 
-    def models(server, client_states):
+    def models(server: PyTree, client_states: PyTree) -> tuple[PyTree | None, PyTree | None]:
         w = server["weights"]
         w = jnp.where(jnp.sum(w) > 0, w, jnp.ones_like(w))
         global_adapters = merge_trees(server["A"], fedavg(client_states["B"], w))

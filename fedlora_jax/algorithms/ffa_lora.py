@@ -9,8 +9,16 @@ the loss), which is cheaper than computing and then zeroing dA. Personal model =
 from __future__ import annotations
 
 from fedlora_jax.adapters import init_adapters
-from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, register
+from fedlora_jax.algorithms.base import (
+    Algorithm,
+    Array,
+    ClientTraining,
+    Phase,
+    PyTree,
+    register,
+)
 from fedlora_jax.algorithms.common import (
+    Batch,
     init_client_states,
     label_all,
     merge_trees,
@@ -33,29 +41,35 @@ def ffa_lora(training: ClientTraining) -> Algorithm:
     labels = label_all("global")
     tx = make_optimizer(training, labels, steps)
 
-    def frozen_A(a_key):
+    def frozen_A(a_key: Array) -> PyTree:
         return select_keys(init_adapters(a_key, training.model, training.adapter), ("A",))
 
-    def init(key, base, num_clients):
+    def init(key: Array, base: PyTree, num_clients: int) -> tuple[PyTree, PyTree]:
         a_key = raw_key(key)
         B = select_keys(init_adapters(a_key, training.model, training.adapter), ("B",))
         return {"a_key": a_key, "B": B}, init_client_states(training, tx, B, num_clients)
 
-    def broadcast(server, client_ids):
+    def broadcast(server: PyTree, client_ids: Array) -> PyTree:
         return server
 
-    def client_update(base, payload, client_state, batches, key):
+    def client_update(
+        base: PyTree, payload: PyTree, client_state: PyTree, batches: Batch, key: Array
+    ) -> tuple[PyTree, PyTree, dict[str, Array]]:
         A = frozen_A(payload["a_key"])
 
-        def loss_of_B(base, B, batch, step_key):
+        def loss_of_B(
+            base: PyTree, B: PyTree, batch: Batch, step_key: Array
+        ) -> tuple[Array, dict[str, Array]]:
             return loss_fn(base, merge_trees(A, B), batch, step_key)
 
         return train_client(loss_of_B, tx, base, payload["B"], client_state, batches, key, labels)
 
-    def aggregate(server, uploads, weights, client_ids):
+    def aggregate(
+        server: PyTree, uploads: PyTree, weights: Array, client_ids: Array
+    ) -> PyTree:
         return {"a_key": server["a_key"], "B": fedavg(uploads, weights)}
 
-    def models(server, client_states):
+    def models(server: PyTree, client_states: PyTree) -> tuple[PyTree | None, PyTree | None]:
         adapters = merge_trees(frozen_A(server["a_key"]), server["B"])
         return adapters, replicate(adapters, client_states["rounds"].shape[0])
 
