@@ -8,6 +8,7 @@ from fedlora_jax.algorithms import (  # noqa: F401 (imports register the builder
     fedalt,
     fedgalore,
     fedit,
+    fedlora_optimizer,
     fedsa_lora,
     ffa_lora,
     local_only,
