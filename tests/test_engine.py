@@ -273,3 +273,32 @@ def test_batches_function_receives_sampled_ids(setup, vmap_round):
     assert calls == [(0, "train", vmap_round[1]["clients"])]
     assert_trees_close(state.server_state, vmap_round[0].server_state, atol=0)
     json.dumps(vmap_round[1])  # round metrics are plain JSON
+
+
+def test_state_aliasing_base_is_copied_before_donation():
+    """A toy algorithm (no LLM) whose state holds the very base array and one array twice."""
+    from fedlora_jax.algorithms import Algorithm
+
+    base = {"w": jnp.arange(3.0)}
+
+    def init(key, base, n):
+        shared = jnp.ones((n,))
+        return {"w": base["w"]}, {"x": shared, "y": shared}
+
+    def client_update(base, payload, state, batches, key):
+        upload = {"w": payload["w"] + jnp.sum(batches["tokens"])}
+        return upload, {"x": state["x"] + 1, "y": state["y"]}, {"loss": jnp.float32(0)}
+
+    def aggregate(server, uploads, weights, ids):
+        return {"w": jnp.tensordot(weights / weights.sum(), uploads["w"], axes=1)}
+
+    phase = Phase("train", 1, lambda s, ids: s, client_update, aggregate)
+    alg = Algorithm("toy", init, (phase,), lambda s, c: (s, None))
+    state = E.init_state(alg, base, 2)
+    assert state.server_state["w"] is not base["w"]
+    ones = np.ones((2, 1, 1, 1), np.int32)
+    batches = {"tokens": ones, "loss_mask": ones, "attn_mask": ones}
+    state, _ = E.run_round(alg, state, base, batches, [1.0, 1.0])
+    np.testing.assert_array_equal(base["w"], [0.0, 1.0, 2.0])  # base still alive and intact
+    np.testing.assert_array_equal(state.server_state["w"], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(state.client_states["x"], [2.0, 2.0])

@@ -78,7 +78,22 @@ def init_state(algorithm: Algorithm, base: PyTree, num_clients: int, seed: int =
     n = 1 if algorithm.pooled_data else num_clients
     server, clients = algorithm.init(init_key, base, n)
     num_rows(clients)  # validates the leading axis
+    server, clients = _unalias((server, clients), base)
     return EngineState(server, clients, run_key, 0)
+
+
+def _unalias(state: PyTree, base: PyTree) -> PyTree:
+    """Copy state leaves that are the very array of a base leaf or of an earlier state leaf, so
+    donating the state never deletes the base weights or donates one buffer twice."""
+    seen = {id(x) for x in jax.tree.leaves(base)}
+
+    def own(x: Any) -> Any:
+        if id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(own, state)
 
 
 def num_rows(client_states: PyTree) -> int:
