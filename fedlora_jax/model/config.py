@@ -98,7 +98,10 @@ class LlamaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """Inverse of ``from_hf_dict`` (for export); written in transformers-5 style."""
-        rope: dict[str, Any] = {"rope_type": self.rope_scaling.rope_type, "rope_theta": self.rope_theta}
+        rope: dict[str, Any] = {
+            "rope_type": self.rope_scaling.rope_type,
+            "rope_theta": self.rope_theta,
+        }
         if self.rope_scaling.rope_type != "default":
             rope["factor"] = self.rope_scaling.factor
         if self.rope_scaling.rope_type == "llama3":
