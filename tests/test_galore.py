@@ -129,13 +129,18 @@ def test_warm_second_moment_skips_its_bias_correction():
     g = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)}
     tx = galore.scale_by_galore(rank=3, update_proj_gap=10, scale=1.0, dense_fallback=False)
     state = galore.set_projectors(tx.init(g), {"w": jnp.eye(3)})
-    seed = jnp.full((4, 3), 2.0)
-    state = galore.set_second_moment(state, {"w": seed})
+    seed = np.full((4, 3), 2.0, np.float32)
+    seed[1, 2] = 0.0  # a zero seed carries no information: that entry keeps the usual correction
+    state = galore.set_second_moment(state, {"w": jnp.asarray(seed)})
     upd, state = tx.update(g, state)
     b2, gw = 0.999, np.asarray(g["w"])
-    nu = b2 * 2.0 + (1 - b2) * gw**2
+    nu = b2 * seed + (1 - b2) * gw**2
     np.testing.assert_allclose(galore.second_moment(state)["w"], nu, rtol=1e-6)
-    np.testing.assert_allclose(upd["w"], gw / (np.sqrt(nu) + 1e-8), rtol=1e-5)
+    nu_hat = nu.copy()
+    nu_hat[1, 2] = gw[1, 2] ** 2  # (1 - b2) g^2 / (1 - b2)
+    np.testing.assert_allclose(upd["w"], gw / (np.sqrt(nu_hat) + 1e-8), rtol=1e-5)
+    cold = galore.set_second_moment(state, {"w": jnp.asarray(seed)}, warm=False)
+    assert not np.any(galore.find_state(cold).nu_warm["w"])
     with pytest.raises(ValueError, match="shape"):
         galore.set_second_moment(state, {"w": jnp.zeros((3, 4))})
 

@@ -57,6 +57,11 @@ def _normalised(weights: Array) -> Array:
     return w / jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
 
 
+def mean_second_moment(blocks: Array, weights: Array) -> Array:
+    """Data-weighted mean of full-space blocks [K, m, n], clipped at 0."""
+    return jnp.maximum(jnp.einsum("k,kmn->mn", _normalised(weights), blocks), 0.0)
+
+
 def joint_component(
     blocks: Array, weights: Array, signal_rank: int, threshold: float = 0.75
 ) -> tuple[Array, Array]:
@@ -96,8 +101,7 @@ def shared_second_moment(
     blocks = jax.vmap(lift, in_axes=(0, 0, None))(nus, projs, side)
     rank = projs.shape[-2] if side == "right" else projs.shape[-1]
     if method == "mean":
-        shared = jnp.einsum("k,kmn->mn", _normalised(weights), blocks)
-        return jnp.maximum(shared, 0.0), jnp.asarray(rank, jnp.int32)
+        return mean_second_moment(blocks, weights), jnp.asarray(rank, jnp.int32)
     if method != "ajive":
         raise ValueError(f"fedgalore sync={method!r} is not known; allowed: ajive, mean, none")
     if side == "left":

@@ -38,15 +38,16 @@ Side = Literal["right", "left"]
 
 class GaLoreState(NamedTuple):
     """count: steps taken; proj_count: the count at which the projectors were last computed
-    (-1 = never); nu_warm: 1.0 when nu was seeded from outside (an already unbiased estimate,
-    so its bias correction is skipped). proj holds None for dense-Adam leaves."""
+    (-1 = never); proj: None for dense-Adam leaves; nu_warm: per entry of nu, True where nu was
+    seeded from outside with a positive value (an already unbiased estimate, so that entry skips
+    Adam's bias correction; a zero seed carries no information and keeps it)."""
 
     count: Array
     proj_count: Array
-    nu_warm: Array
     proj: PyTree
     mu: PyTree
     nu: PyTree
+    nu_warm: PyTree
 
 
 def projection_side(shape: tuple[int, ...], rank: int, dense_fallback: bool = True) -> Side | None:
@@ -61,7 +62,8 @@ def projection_side(shape: tuple[int, ...], rank: int, dense_fallback: bool = Tr
     return "right" if m >= n else "left"
 
 
-def _side_of(grad: Array) -> Side:
+def side_of(grad: Array) -> Side:
+    """GaLore's std rule on the last two axes: right when m >= n, else left."""
     return "right" if grad.shape[-2] >= grad.shape[-1] else "left"
 
 
@@ -104,7 +106,7 @@ def _new_projectors(grads: PyTree, proj: PyTree) -> PyTree:
     def one(g: Array, p: Array | None) -> Array | None:
         if p is None:
             return None
-        side = _side_of(g)
+        side = side_of(g)
         return svd_projector(g, _rank_of(p, side), side).astype(p.dtype)
 
     return jax.tree.map(one, grads, proj, is_leaf=lambda x: x is None)
@@ -136,16 +138,16 @@ def scale_by_galore(
         def moment0(p: Array, pr: Array | None) -> Array:
             if pr is None:
                 return jnp.zeros(p.shape, jnp.float32)
-            return jnp.zeros_like(project(p.astype(jnp.float32), pr, _side_of(p)))
+            return jnp.zeros_like(project(p.astype(jnp.float32), pr, side_of(p)))
 
         mu = jax.tree.map(moment0, params, proj, is_leaf=lambda x: x is None)
         return GaLoreState(
             count=jnp.zeros([], jnp.int32),
             proj_count=jnp.full([], -1, jnp.int32),
-            nu_warm=jnp.zeros([], jnp.float32),
             proj=proj,
             mu=mu,
             nu=jax.tree.map(jnp.zeros_like, mu),
+            nu_warm=jax.tree.map(lambda m: jnp.zeros(m.shape, bool), mu),
         )
 
     def update(
@@ -157,24 +159,26 @@ def scale_by_galore(
         proj_count = jnp.where(due, state.count, state.proj_count)
         t = state.count + 1
         bc1 = 1.0 - b1**t
-        bc2 = 1.0 - (1.0 - state.nu_warm) * b2**t
+        bc2 = 1.0 - b2**t
 
         def low(g: Array, p: Array | None) -> Array:
             g = g.astype(jnp.float32)
-            return g if p is None else project(g, p, _side_of(g))
+            return g if p is None else project(g, p, side_of(g))
 
         g_low = jax.tree.map(low, updates, proj, is_leaf=lambda x: x is None)
         mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, g_low)
         nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, g_low)
 
-        def direction(g: Array, p: Array | None, m: Array, v: Array) -> Array:
-            d = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+        def direction(g: Array, p: Array | None, m: Array, v: Array, warm: Array) -> Array:
+            d = (m / bc1) / (jnp.sqrt(jnp.where(warm, v, v / bc2)) + eps)
             if p is not None:
-                d = scale * project_back(d, p, _side_of(g))
+                d = scale * project_back(d, p, side_of(g))
             return d.astype(g.dtype)
 
-        out = jax.tree.map(direction, updates, proj, mu, nu, is_leaf=lambda x: x is None)
-        return out, GaLoreState(t, proj_count, state.nu_warm, proj, mu, nu)
+        out = jax.tree.map(
+            direction, updates, proj, mu, nu, state.nu_warm, is_leaf=lambda x: x is None
+        )
+        return out, GaLoreState(t, proj_count, proj, mu, nu, state.nu_warm)
 
     return optax.GradientTransformation(init, update)
 
@@ -252,9 +256,10 @@ def set_projectors(opt_state: PyTree, proj: PyTree) -> PyTree:
     return _replace(opt_state, fn)
 
 
-def set_second_moment(opt_state: PyTree, nu: PyTree, *, warm: bool = True) -> PyTree:
-    """Replace Adam's second moment. ``warm`` marks it an unbiased estimate (from another run or
-    the server), so its bias correction is skipped; the first moment keeps its own correction."""
+def set_second_moment(opt_state: PyTree, nu: PyTree, *, warm: bool | Array = True) -> PyTree:
+    """Replace Adam's second moment. With ``warm`` (may be traced) its positive entries count as
+    an unbiased estimate (from another run or the server) and skip the bias correction; the first
+    moment keeps its own correction."""
 
     def fn(s: GaLoreState) -> GaLoreState:
         def cast(old: Array, v: Array) -> Array:
@@ -263,6 +268,7 @@ def set_second_moment(opt_state: PyTree, nu: PyTree, *, warm: bool = True) -> Py
             return jnp.asarray(v, old.dtype)
 
         new = jax.tree.map(cast, s.nu, nu)
-        return s._replace(nu=new, nu_warm=jnp.asarray(float(warm), jnp.float32))
+        flags = jax.tree.map(lambda v: (v > 0) & jnp.asarray(warm, bool), new)
+        return s._replace(nu=new, nu_warm=flags)
 
     return _replace(opt_state, fn)

@@ -1,0 +1,191 @@
+"""FedGaLore (arXiv 2602.01746, as reconstructed in DESIGN.md): federated GaLore with a shared
+second moment.
+
+Clients train full-size updates ΔW of the target matrices (adapter kind ``dense_delta``) with
+GaLore-Adam (``fedlora_jax.optim.galore``), starting every round from the global ΔW with a fresh
+optimizer: first moment zero, projector from the SVD of the round's first gradient, second moment
+seeded from the server's shared one mapped into that new basis (``optim.ajive.to_basis``). They
+upload their change this round plus, unless ``sync="none"``, their projected second moment and
+projector. The server FedAvgs the changes and builds the shared second moment (full m x n per
+target): ``ajive`` = data-weighted mean of the joint parts of the clients' lifted moments,
+``mean`` = the plain data-weighted mean, ``none`` = no sync (GaLore + FedAvg). Round 0 has no
+shared moment yet, so its clients start Adam cold. The personal model is the global one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedlora_jax.adapters import init_adapters
+from fedlora_jax.adapters.base import TARGET_PRESETS
+from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, register
+from fedlora_jax.algorithms.common import init_client_states, require_kind
+from fedlora_jax.federated.aggregation import fedavg
+from fedlora_jax.federated.local import local_train, make_loss_fn, make_schedule
+from fedlora_jax.optim import ajive, galore
+
+PyTree = Any
+Array = jax.Array
+SYNCS = ("ajive", "mean", "none")
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def make_galore_optimizer(
+    training: ClientTraining, rank: int, update_proj_gap: int, scale: float
+) -> optax.GradientTransformation:
+    """Global-norm clipping (full gradient) then GaLore-AdamW on the phase's lr schedule."""
+    parts = [optax.clip_by_global_norm(training.grad_clip)] if training.grad_clip > 0 else []
+    parts.append(
+        galore.galore_adamw(
+            make_schedule(training, training.local_steps),
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            weight_decay=training.weight_decay,
+        )
+    )
+    return optax.chain(*parts)
+
+
+def seed_second_moment(shared: PyTree, proj: PyTree) -> PyTree:
+    """The server's full-space second moment in each leaf's new basis (dense leaves: as is)."""
+
+    def one(v: Array, p: Array | None) -> Array:
+        return v if p is None else ajive.to_basis(v, p, galore.side_of(v))
+
+    return jax.tree.map(one, shared, proj, is_leaf=_is_none)
+
+
+def shared_second_moment(
+    nus: PyTree,
+    projs: PyTree,
+    weights: Array,
+    full_like: PyTree,
+    method: str,
+    signal_rank: int | None,
+    threshold: float,
+) -> tuple[PyTree, PyTree]:
+    """Per leaf (shared m x n >= 0, joint rank); dense leaves take the weighted mean."""
+
+    def one(ref: Array, nu: Array, p: Array | None) -> tuple[Array, Array]:
+        if p is None:  # dense-Adam leaf: its moment is already full-space
+            return ajive.mean_second_moment(nu, weights), jnp.asarray(min(ref.shape), jnp.int32)
+        return ajive.shared_second_moment(
+            nu, p, weights, galore.side_of(ref), method, signal_rank, threshold
+        )
+
+    pairs = jax.tree.map(one, full_like, nus, projs, is_leaf=_is_none)
+    outer = jax.tree.structure(full_like)
+    shared, ranks = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+    return shared, ranks
+
+
+def _check_options(
+    training: ClientTraining, rank: int, sync: str, threshold: float, targets: str
+) -> None:
+    require_kind("fedgalore", training, ("dense_delta",))
+    if training.optimizer_state != "fresh":
+        raise ValueError(
+            "fedgalore starts a fresh GaLore optimizer every round (its second moment comes from "
+            f"the server); training.optimizer_state={training.optimizer_state!r}, allowed: fresh"
+        )
+    if sync not in SYNCS:
+        raise ValueError(
+            f"algorithm.options.sync={sync!r} is not allowed; allowed: {', '.join(SYNCS)}"
+        )
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"algorithm.options.rank={rank!r} must be a positive int")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"algorithm.options.threshold={threshold!r} must be in (0, 1]")
+    if not targets:
+        raise ValueError(
+            "algorithm.options.targets must be 'adapter' (use adapter.targets), a preset "
+            f"({', '.join(TARGET_PRESETS)}) or a regex"
+        )
+
+
+@register("fedgalore")
+def fedgalore(
+    training: ClientTraining,
+    rank: int | None = None,
+    update_proj_gap: int = 200,
+    galore_scale: float = 0.25,
+    sync: str = "ajive",
+    threshold: float = 0.75,
+    signal_rank: int | None = None,
+    targets: str = "attn",
+) -> Algorithm:
+    """rank: GaLore rank (None = adapter.r); update_proj_gap: projector refresh period within a
+    round (each round refreshes at its step 0); galore_scale: GaLore's alpha; sync: ajive | mean |
+    none; threshold: AJIVE joint threshold on the mean squared cosine; signal_rank: AJIVE per-block
+    signal rank (None = rank); targets: modules trained ("adapter" = adapter.targets).
+
+    server_state {"adapters", and unless sync=none "nu" (full-size), "synced", "joint_rank"};
+    client_states {"rounds"[N]}.
+    """
+    rank = training.adapter.r if rank is None else rank
+    _check_options(training, rank, sync, threshold, targets)
+    adapter_cfg = (
+        training.adapter
+        if targets == "adapter"
+        else dataclasses.replace(training.adapter, targets=targets)
+    )
+    loss_fn = make_loss_fn(training)
+    tx = make_galore_optimizer(training, rank, update_proj_gap, galore_scale)
+    synced = sync != "none"
+
+    def init(key, base, num_clients):
+        adapters = init_adapters(key, training.model, adapter_cfg)
+        server: dict[str, Any] = {"adapters": adapters}
+        if synced:
+            server["nu"] = jax.tree.map(jnp.zeros_like, adapters)
+            server["synced"] = jnp.zeros([], bool)
+            server["joint_rank"] = jax.tree.map(lambda _: jnp.zeros([], jnp.int32), adapters)
+        return server, init_client_states(training, tx, adapters, num_clients)
+
+    def broadcast(server, client_ids):
+        return {k: server[k] for k in ("adapters", "nu", "synced") if k in server}
+
+    def client_update(base, payload, client_state, batches, key):
+        params = payload["adapters"]
+        opt_state = tx.init(params)
+        if synced:
+            # Peel the projector of step 0 so the shared moment can be mapped into it first.
+            first = jax.tree.map(lambda x: x[0], batches)
+            grads = jax.grad(lambda p: loss_fn(base, p, first, jax.random.fold_in(key, 0))[0])(
+                params
+            )
+            opt_state = galore.refresh_projectors(opt_state, grads)
+            seed = seed_second_moment(payload["nu"], galore.projectors(opt_state))
+            seed = jax.tree.map(lambda v: jnp.where(payload["synced"], v, 0.0), seed)
+            opt_state = galore.set_second_moment(opt_state, seed)
+        new, opt_state, metrics = local_train(loss_fn, base, params, tx, opt_state, batches, key)
+        upload: dict[str, PyTree] = {"delta": jax.tree.map(jnp.subtract, new, params)}
+        if synced:
+            upload["nu"] = galore.second_moment(opt_state)
+            upload["proj"] = galore.projectors(opt_state)
+        return upload, {**client_state, "rounds": client_state["rounds"] + 1}, metrics
+
+    def aggregate(server, uploads, weights, client_ids):
+        mean_delta = fedavg(uploads["delta"], weights)
+        out = {"adapters": jax.tree.map(jnp.add, server["adapters"], mean_delta)}
+        if synced:
+            shared, ranks = shared_second_moment(
+                uploads["nu"], uploads["proj"], weights, server["nu"], sync, signal_rank, threshold
+            )
+            out.update(nu=shared, synced=jnp.ones([], bool), joint_rank=ranks)
+        return out
+
+    def models(server, client_states):
+        return server["adapters"], None
+
+    phase = Phase("train", training.local_steps, broadcast, client_update, aggregate)
+    return Algorithm("fedgalore", init, (phase,), models)

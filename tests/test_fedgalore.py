@@ -1,0 +1,220 @@
+"""FedGaLore on the real tiny model stories260K, through the engine, against hand-run clients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedlora_jax import algorithms
+from fedlora_jax.adapters import AdapterConfig
+from fedlora_jax.algorithms import ClientTraining
+from fedlora_jax.federated.engine import EngineConfig, init_state, run_round
+from fedlora_jax.model.convert import load_hf_folder
+from fedlora_jax.model.llama import apply
+from fedlora_jax.model.loss import lm_loss
+from fedlora_jax.optim import ajive, galore
+
+K, STEPS, BATCH, SEQ, RANK, LR = 3, 2, 2, 12, 4, 1e-2
+SIZES = np.array([10.0, 30.0, 20.0], np.float32)
+# Two right-side (m >= n) targets and one left-side one (up_proj 64 x 172).
+TARGETS = r"layers\.0\.(attn\.(q_proj|k_proj)|mlp\.up_proj)"
+DIMS = [(64, 64), (64, 32), (64, 172)]
+ENGINE = EngineConfig(donate=False)
+
+
+@pytest.fixture(scope="module")
+def model(stories_dir):
+    return load_hf_folder(stories_dir)
+
+
+@pytest.fixture(scope="module")
+def training(model) -> ClientTraining:
+    return ClientTraining(
+        model=model[0],
+        adapter=AdapterConfig(kind="dense_delta", r=RANK),
+        local_steps=STEPS,
+        lr=LR,
+        grad_clip=1.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def batches() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 512, size=(K, STEPS, BATCH, SEQ)).astype(np.int32)
+    loss_mask = np.ones_like(tokens)
+    loss_mask[..., : SEQ // 2] = 0
+    return {"tokens": tokens, "loss_mask": loss_mask, "attn_mask": np.ones_like(tokens)}
+
+
+def _build(training, **options):
+    return algorithms.get("fedgalore")(training, rank=RANK, targets=TARGETS, **options)
+
+
+def _round(alg, base, batches):
+    state = init_state(alg, base, K, seed=0)
+    return state, *run_round(alg, state, base, batches, SIZES, ENGINE)
+
+
+@pytest.fixture(scope="module")
+def by_hand(model, training, batches):
+    """Each client run with a plain Python loop: own loss, clip + GaLore-AdamW, cold Adam."""
+    cfg, base = model
+    alg = _build(training, sync="none")
+    zeros = alg.init(jax.random.key(0), base, K)[0]["adapters"]
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0), galore.galore_adamw(LR, rank=RANK, update_proj_gap=200)
+    )
+
+    def loss(p, batch):
+        logits = apply(
+            base, p, batch["tokens"], batch["attn_mask"], cfg=cfg, adapter_cfg=training.adapter
+        )
+        nll, n = lm_loss(logits, batch["tokens"], batch["loss_mask"])
+        return nll / jnp.maximum(n, 1)
+
+    grad, step = jax.jit(jax.grad(loss)), jax.jit(tx.update)
+    out = []
+    for c in range(K):
+        params, state = zeros, tx.init(zeros)
+        for s in range(STEPS):
+            batch = {k: jnp.asarray(v[c, s]) for k, v in batches.items()}
+            upd, state = step(grad(params, batch), state, params)
+            params = optax.apply_updates(params, upd)
+        out.append((params, galore.second_moment(state), galore.projectors(state)))
+    return out
+
+
+def _flat(tree):
+    return {
+        jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _fedavg(trees):
+    w = SIZES / SIZES.sum()
+    return jax.tree.map(
+        lambda *xs: sum(wi * np.asarray(x) for wi, x in zip(w, xs, strict=True)), *trees
+    )
+
+
+def test_sync_none_is_local_galore_then_fedavg(model, training, batches, by_hand):
+    _, base = model
+    alg = _build(training, sync="none")
+    _, new, metrics = _round(alg, base, batches)
+    want = _fedavg([p for p, _, _ in by_hand])
+    got = _flat(new.server_state["adapters"])
+    for key, value in _flat(want).items():
+        np.testing.assert_allclose(got[key], value, rtol=2e-4, atol=1e-7)
+    assert max(np.abs(v).max() for v in got.values()) > 1e-3  # the round changed the model
+    assert set(new.server_state) == {"adapters"}
+    # Uplink: the full-size ΔW of every target (4 bytes per entry), nothing else.
+    assert metrics["comm/up_bytes_per_client"] == sum(4 * m * n for m, n in DIMS)
+    glob, personal = alg.models(new.server_state, new.client_states)
+    assert personal is None and glob is new.server_state["adapters"]
+
+
+def test_sync_mean_server_moment_is_lifted_weighted_mean(model, training, batches, by_hand):
+    _, base = model
+    alg = _build(training, sync="mean")
+    _, new, metrics = _round(alg, base, batches)
+    server = new.server_state
+    assert bool(server["synced"])
+    want = _fedavg([p for p, _, _ in by_hand])
+    for key, value in _flat(want).items():
+        np.testing.assert_allclose(_flat(server["adapters"])[key], value, rtol=2e-4, atol=1e-7)
+    # numpy: lift each client's moment by the squared projector, weighted mean, clip at 0.
+    nus = [_flat(nu) for _, nu, _ in by_hand]
+    projs = [_flat(pr) for _, _, pr in by_hand]
+    got = _flat(server["nu"])
+    w = SIZES / SIZES.sum()
+    for key, value in got.items():
+        lifted = [
+            nu[key] @ pr[key] ** 2 if value.shape[0] >= value.shape[1] else pr[key] ** 2 @ nu[key]
+            for nu, pr in zip(nus, projs, strict=True)
+        ]
+        want_nu = np.maximum(sum(wi * x for wi, x in zip(w, lifted, strict=True)), 0.0)
+        np.testing.assert_allclose(value, want_nu, rtol=5e-3, atol=1e-12)
+        assert value.max() > 0
+    # Uplink: ΔW plus the projected moment and projector: 4 (mn + r(m + n)) bytes per target.
+    assert metrics["comm/up_bytes_per_client"] == sum(4 * (m * n + RANK * (m + n)) for m, n in DIMS)
+    assert metrics["comm/down_bytes_per_client"] == sum(8 * m * n for m, n in DIMS) + 1
+
+
+def test_sync_ajive_aggregate_uses_joint_extraction(model, training, by_hand):
+    _, base = model
+    alg = _build(training, sync="ajive", threshold=0.75)
+    server0, _ = alg.init(jax.random.key(0), base, K)
+    uploads = {
+        "delta": jax.tree.map(lambda *x: jnp.stack(x), *[p for p, _, _ in by_hand]),
+        "nu": jax.tree.map(lambda *x: jnp.stack(x), *[nu for _, nu, _ in by_hand]),
+        "proj": jax.tree.map(lambda *x: jnp.stack(x), *[pr for _, _, pr in by_hand]),
+    }
+    w = jnp.asarray(SIZES)
+    server = jax.jit(alg.phases[0].aggregate)(server0, uploads, w, jnp.arange(K))
+    assert bool(server["synced"])
+    got, ranks = _flat(server["nu"]), _flat(server["joint_rank"])
+    for key, value in got.items():
+        nus = _flat(uploads["nu"])[key]
+        projs = _flat(uploads["proj"])[key]
+        side = "right" if value.shape[0] >= value.shape[1] else "left"
+        want, jr = ajive.shared_second_moment(nus, projs, w, side, "ajive", None, 0.75)
+        np.testing.assert_allclose(value, want, rtol=1e-4, atol=1e-12)
+        assert value.min() >= 0.0 and int(ranks[key]) == int(jr)
+        assert 1 <= int(jr) <= RANK
+    for key, value in _flat(_fedavg([p for p, _, _ in by_hand])).items():
+        np.testing.assert_allclose(_flat(server["adapters"])[key], value, rtol=1e-5, atol=1e-8)
+
+
+def test_second_round_starts_from_the_shared_moment(model, training, batches):
+    """A huge shared second moment must shrink the first steps; round 0 (unsynced) ignores it."""
+    _, base = model
+    alg = algorithms.get("fedgalore")(training, rank=RANK)  # default targets: attn q,k,v,o
+    server, clients = alg.init(jax.random.key(0), base, K)
+    assert len(_flat(server["adapters"])) == 5 * 4
+    phase = alg.phases[0]
+    row = {k: jnp.asarray(v[0]) for k, v in batches.items()}
+    state = jax.tree.map(lambda x: x[0], clients)
+    update = jax.jit(phase.client_update)
+
+    def delta_norm(nu_value, synced):
+        payload = phase.broadcast(server, jnp.arange(K))
+        payload = {
+            **payload,
+            "nu": jax.tree.map(lambda v: jnp.full_like(v, nu_value), payload["nu"]),
+            "synced": jnp.asarray(synced),
+        }
+        upload, _, metrics = update(base, payload, state, row, jax.random.key(1))
+        assert np.isfinite(float(metrics["loss"]))
+        return float(optax.tree.norm(upload["delta"]))
+
+    cold, big_unsynced, big = delta_norm(0.0, False), delta_norm(1e4, False), delta_norm(1e4, True)
+    assert big_unsynced == pytest.approx(cold, rel=1e-5)
+    assert big < 0.05 * cold
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"sync": "median"}, "sync"),
+        ({"threshold": 0.0}, "threshold"),
+        ({"rank": 0}, "rank"),
+    ],
+)
+def test_bad_options_name_the_key(training, change, match):
+    with pytest.raises(ValueError, match=f"algorithm.options.{match}"):
+        algorithms.get("fedgalore")(training, **change)
+
+
+def test_wrong_kind_and_persistent_state_are_rejected(training):
+    lora = ClientTraining(model=training.model, adapter=AdapterConfig(kind="lora"))
+    with pytest.raises(ValueError, match="adapter.kind"):
+        algorithms.get("fedgalore")(lora)
+    persistent = ClientTraining(
+        model=training.model, adapter=training.adapter, optimizer_state="persistent"
+    )
+    with pytest.raises(ValueError, match="optimizer_state"):
+        algorithms.get("fedgalore")(persistent)
