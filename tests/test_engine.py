@@ -275,15 +275,20 @@ def test_batches_function_receives_sampled_ids(setup, vmap_round):
     json.dumps(vmap_round[1])  # round metrics are plain JSON
 
 
-def test_state_aliasing_base_is_copied_before_donation():
-    """A toy algorithm (no LLM) whose state holds the very base array and one array twice."""
-    from fedlora_jax.algorithms import Algorithm
 
-    base = {"w": jnp.arange(3.0)}
+def toy_algorithm(per_client: bool = False):
+    """A model-free algorithm: its state holds the very base array and one array twice; with
+    ``per_client`` the broadcast is ``w + client id`` per client (leading axis K)."""
+    from fedlora_jax.algorithms import Algorithm
 
     def init(key, base, n):
         shared = jnp.ones((n,))
         return {"w": base["w"]}, {"x": shared, "y": shared}
+
+    def broadcast(server, ids):
+        if per_client:
+            return {"w": server["w"][None] + ids[:, None].astype(jnp.float32)}
+        return server
 
     def client_update(base, payload, state, batches, key):
         upload = {"w": payload["w"] + jnp.sum(batches["tokens"])}
@@ -292,13 +297,33 @@ def test_state_aliasing_base_is_copied_before_donation():
     def aggregate(server, uploads, weights, ids):
         return {"w": jnp.tensordot(weights / weights.sum(), uploads["w"], axes=1)}
 
-    phase = Phase("train", 1, lambda s, ids: s, client_update, aggregate)
-    alg = Algorithm("toy", init, (phase,), lambda s, c: (s, None))
-    state = E.init_state(alg, base, 2)
+    phase = Phase("train", 1, broadcast, client_update, aggregate, per_client_broadcast=per_client)
+    return Algorithm("toy", init, (phase,), lambda s, c: (s, None))
+
+
+TOY_ONES = np.ones((3, 1, 1, 1), np.int32)
+TOY_BATCHES = {"tokens": TOY_ONES, "loss_mask": TOY_ONES, "attn_mask": TOY_ONES}
+
+
+def test_state_aliasing_base_is_copied_before_donation():
+    base = {"w": jnp.arange(3.0)}
+    alg = toy_algorithm()
+    state = E.init_state(alg, base, 3)
     assert state.server_state["w"] is not base["w"]
-    ones = np.ones((2, 1, 1, 1), np.int32)
-    batches = {"tokens": ones, "loss_mask": ones, "attn_mask": ones}
-    state, _ = E.run_round(alg, state, base, batches, [1.0, 1.0])
+    state, _ = E.run_round(alg, state, base, TOY_BATCHES, [1.0, 1.0, 1.0])
     np.testing.assert_array_equal(base["w"], [0.0, 1.0, 2.0])  # base still alive and intact
     np.testing.assert_array_equal(state.server_state["w"], [1.0, 2.0, 3.0])
-    np.testing.assert_array_equal(state.client_states["x"], [2.0, 2.0])
+    np.testing.assert_array_equal(state.client_states["x"], [2.0, 2.0, 2.0])
+
+
+@pytest.mark.parametrize("backend", ["vmap", "chunked"])
+def test_per_client_broadcast(backend):
+    base = {"w": jnp.zeros(5)}
+    alg = toy_algorithm(per_client=True)
+    config = E.EngineConfig(backend=backend, chunk_size=2)
+    state, metrics = E.run_round(alg, E.init_state(alg, base, 3), base, TOY_BATCHES,
+                                 [1.0, 1.0, 2.0], config)
+    # client c uploads c + 1 everywhere; weights 1, 1, 2 → (1 + 2 + 2·3) / 4
+    np.testing.assert_allclose(state.server_state["w"], np.full(5, 9 / 4))
+    assert metrics["comm/down_bytes_per_client"] == 5 * 4  # its own slice, not all K rows
+    assert metrics["comm/up_bytes_per_client"] == 5 * 4

@@ -6,6 +6,9 @@ clients' rows of the N-stacked client state, run ``client_update`` for all of th
 ``lax.map`` or ``shard_map`` over a ``clients`` mesh axis), exclude clients whose upload or new
 state is non-finite, aggregate, and scatter. The compiled functions are cached, so the round
 loop traces each phase once per shape.
+
+Client c's key in round r, phase p is ``fold_in(fold_in(fold_in(state.rng, r), p), c)``: results
+do not depend on the backend or on which other clients were sampled.
 """
 
 from __future__ import annotations
@@ -188,9 +191,14 @@ def _where_rows(mask: Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def _phase_core(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
+    """The whole phase as one traceable function (jitted by ``compiled_phase``; traced
+    abstractly by ``comm_bytes``, which reads the payload and upload it also returns)."""
     run_clients = map_clients(phase, config)
 
-    def core(base, server, clients, ids, batches, key, sizes):
+    def core(
+        base: PyTree, server: PyTree, clients: PyTree, ids: Array, batches: PyTree,
+        key: Array, sizes: Array,
+    ) -> tuple:
         k = ids.shape[0]
         payload = phase.broadcast(server, ids)
         states = jax.tree.map(lambda x: x[ids], clients)
@@ -215,8 +223,8 @@ def compiled_phase(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
     """The jitted phase (cached per phase and config; jit caches per shape)."""
     core = _phase_core(phase, config)
 
-    def step(base, server, clients, ids, batches, key, sizes):
-        return core(base, server, clients, ids, batches, key, sizes)[:5]
+    def step(*args: Any) -> tuple:
+        return core(*args)[:5]  # payload and uploads stay on device, unreturned
 
     return jax.jit(step, donate_argnums=(1, 2) if config.donate else ())
 
