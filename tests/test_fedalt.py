@@ -272,3 +272,24 @@ def test_downlink_is_one_RoW_per_client_and_uplink_one_LoRA(two_rounds):
         assert m["comm/down_bytes_per_client"] == lora_bytes  # A0, B0: this client's RoW only
         assert m["comm/up_bytes_per_client"] == lora_bytes  # A1, B1
         assert m["comm/down_bytes"] == 3 * lora_bytes == m["comm/up_bytes"]
+
+
+# ----------------------------------------------------------------------------- preset
+
+
+def test_official_preset_mirrors_the_official_run():
+    import pathlib
+
+    from fedlora_jax.config import adapter_kind, load_config
+
+    ni = pathlib.Path(__file__).resolve().parents[1] / "configs" / "natural_instructions.py"
+    cfg = load_config(f"{ni}:fedalt")
+    assert (cfg.algorithm.name, adapter_kind(cfg)) == ("fedalt", "mixture")
+    assert (cfg.data.source, cfg.data.partition, cfg.data.num_clients) == (
+        "natural_instructions", "task", 8)
+    assert (cfg.adapter.r, cfg.adapter.alpha, cfg.adapter.targets) == (8, 32.0, "qv")
+    assert (cfg.federated.rounds, cfg.federated.batch_size, cfg.eval.every) == (20, 8, 5)
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.optimizer_state) == (3e-4, "linear",
+                                                                             "fresh")
+    baseline = load_config(f"{ni}:fedalt", ["algorithm.name=fedit"])
+    assert adapter_kind(baseline) == "lora"

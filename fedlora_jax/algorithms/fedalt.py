@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fedlora_jax.adapters import init_adapters
-from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, register
+from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, PyTree, register
 from fedlora_jax.algorithms.common import (
     init_client_states,
     label_by_key,
@@ -94,7 +94,7 @@ def fedalt(training: ClientTraining) -> Algorithm:
     labels = label_by_key(LABEL_RULE)
     tx = make_optimizer(training, labels, steps)
 
-    def init(key, base, num_clients):
+    def init(key: Array, base: PyTree, num_clients: int) -> tuple[PyTree, PyTree]:
         keys = jax.random.split(key, num_clients)
         trees = jax.vmap(lambda k: init_adapters(k, training.model, training.adapter))(keys)
         clients = init_client_states(training, tx, jax.tree.map(lambda x: x[0], trees), num_clients)
@@ -105,17 +105,19 @@ def fedalt(training: ClientTraining) -> Algorithm:
         }
         return server, clients
 
-    def broadcast(server, client_ids):
+    def broadcast(server: PyTree, client_ids: Array) -> Tree:
         return rest_of_world(server["individual"], server["uploaded"], client_ids)
 
-    def client_update(base, payload, client_state, batches, key):
+    def client_update(
+        base: PyTree, payload: Tree, client_state: Tree, batches: Mapping[str, Array], key: Array
+    ) -> tuple[Tree, Tree, dict[str, Array]]:
         params = merge_trees(payload, client_state["individual"])
         rest = {k: v for k, v in client_state.items() if k != "individual"}
         params, rest, metrics = train_client(loss_fn, tx, base, params, rest, batches, key, labels)
         upload = select_keys(params, INDIVIDUAL_KEYS)
         return upload, {**rest, "individual": select_keys(params, PERSONAL_KEYS)}, metrics
 
-    def aggregate(server, uploads, weights, client_ids):
+    def aggregate(server: PyTree, uploads: Tree, weights: Array, client_ids: Array) -> PyTree:
         took = weights > 0  # an excluded client's zero-filled row must not replace its copy
 
         def store(copies: Array, new: Array) -> Array:
@@ -128,7 +130,7 @@ def fedalt(training: ClientTraining) -> Algorithm:
             "uploaded": uploaded,
         }
 
-    def models(server, client_states):
+    def models(server: PyTree, client_states: PyTree) -> tuple[None, Tree]:
         n = server["uploaded"].shape[0]
         row = rest_of_world(server["individual"], server["uploaded"], jnp.arange(n))
         return None, merge_trees(row, client_states["individual"])
