@@ -1,0 +1,1 @@
+"""Analyses of trained adapters (the FedLoRA-Optimizer sensitivity study)."""
