@@ -293,3 +293,16 @@ def test_official_preset_mirrors_the_official_run():
                                                                              "fresh")
     baseline = load_config(f"{ni}:fedalt", ["algorithm.name=fedit"])
     assert adapter_kind(baseline) == "lora"
+
+
+def test_state_round_trips_through_a_checkpoint(two_rounds, tmp_path):
+    from fedlora_jax.checkpoint import Checkpointer
+
+    _, states, _ = two_rounds
+    s0, _, s2 = states
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(2, s2, {"round": 2})
+        ckpt.wait()
+        restored, meta = ckpt.restore(s0)
+    assert meta["round"] == 2 and restored.server_state["uploaded"].dtype == bool
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), s2)
