@@ -197,9 +197,10 @@ def _phase_core(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
 
     def core(
         base: PyTree, server: PyTree, clients: PyTree, ids: Array, batches: PyTree,
-        key: Array, sizes: Array,
+        rng: Array, round_idx: Array, phase_idx: Array, sizes: Array,
     ) -> tuple:
         k = ids.shape[0]
+        key = jax.random.fold_in(jax.random.fold_in(rng, round_idx), phase_idx)
         payload = phase.broadcast(server, ids)
         states = jax.tree.map(lambda x: x[ids], clients)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
@@ -231,7 +232,7 @@ def compiled_phase(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
 
 def _signature(*trees: PyTree) -> tuple:
     leaves, treedef = jax.tree.flatten(trees)
-    return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+    return treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves)
 
 
 _COMM_CACHE: dict[tuple, tuple[int, int]] = {}
@@ -244,7 +245,7 @@ def comm_bytes(phase: Phase, config: EngineConfig, *args: PyTree) -> tuple[int, 
     """
     key = (phase, config, _signature(*args))
     if key not in _COMM_CACHE:
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), args)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
         out = jax.eval_shape(_phase_core(phase, config), *shapes)
         _COMM_CACHE[key] = phase_bytes(
             out[5], out[6], phase.per_client_broadcast, phase.aggregate is not None
@@ -333,16 +334,15 @@ def run_round(
     metrics: dict[str, Any] = {"round": state.round, "clients": ids.tolist()}
     down = up = 0
     server, clients = state.server_state, state.client_states
-    round_key = jax.random.fold_in(state.rng, state.round)
-    ids_dev, sizes_dev = jnp.asarray(ids), jnp.asarray(sizes[ids])
+    round_idx = np.int32(state.round)
     for p, phase in enumerate(algorithm.phases):
         b = phase_batches(batches, state.round, phase, ids, n)
-        args = (base, server, clients, ids_dev, b, jax.random.fold_in(round_key, p), sizes_dev)
+        args = (base, server, clients, ids, b, state.rng, round_idx, np.int32(p), sizes[ids])
         d, u = comm_bytes(phase, config, *args)
         down, up = down + d, up + u
-        server, clients, phase_metrics, valid, aggregated = compiled_phase(phase, config)(*args)
-        valid = np.asarray(valid)
-        metrics.update(_host_metrics(phase, ids, jax.device_get(phase_metrics), valid))
+        server, clients, *on_device = compiled_phase(phase, config)(*args)
+        phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
+        metrics.update(_host_metrics(phase, ids, phase_metrics, valid))
         metrics[f"{phase.name}/aggregated"] = bool(aggregated) if phase.aggregate else False
         if not valid.all():
             log.warning("round %d phase %s: clients %s sent non-finite values; excluded",
