@@ -116,15 +116,23 @@ def _storable(tree: PyTree) -> PyTree:
 
 def _like(restored: PyTree, like: PyTree) -> PyTree:
     """Re-wrap raw key data where ``like`` holds typed keys; numpy and Python scalar leaves (e.g.
-    the engine's round counter) come back as their own type."""
+    the engine's round counter) come back as their own type. Orbax returns arrays committed to a
+    device; where ``like`` is uncommitted the restored leaf is too, because jit caches on
+    commitment and would otherwise compile the round function again after a resume."""
 
     def back(r: Any, x: Any) -> Any:
         if _is_key(x):
-            return jax.random.wrap_key_data(r, impl=jax.random.key_impl(x))
+            return jax.random.wrap_key_data(_uncommitted(r, x), impl=jax.random.key_impl(x))
         if isinstance(x, np.ndarray | np.generic):
             return np.asarray(r, dtype=x.dtype)
         if isinstance(x, bool | int | float):
             return type(x)(r)
-        return r
+        return _uncommitted(r, x)
 
     return jax.tree.map(back, restored, like)
+
+
+def _uncommitted(r: Any, like: Any) -> Any:
+    if isinstance(like, jax.Array) and not like.committed and getattr(r, "committed", False):
+        return jnp.asarray(np.asarray(r))
+    return r

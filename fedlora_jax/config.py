@@ -16,6 +16,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from fedlora_jax.data.config import DataConfig
+
 
 class ConfigError(ValueError):
     """A user mistake in the run configuration; the CLI prints it as one line."""
@@ -38,6 +40,9 @@ ALGORITHM_KINDS: dict[str, str] = {
     "fedgalore": "dense_delta",
 }
 
+# Sub-sections whose keys are free: builder keyword arguments and data column names.
+FREE_SECTIONS = ("options", "fields")
+
 # (key, lower bound, whether the bound is inclusive)
 BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("adapter.r", 1, True),
@@ -59,8 +64,6 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("eval.max_examples_per_client", 0, True),
     ("checkpoint.every", 0, True),
     ("checkpoint.keep", 1, True),
-    ("data.num_clients", 1, True),
-    ("data.max_seq_len", 8, True),
 )
 
 
@@ -87,18 +90,25 @@ def base_config() -> ConfigDict:
             "init": "default",
         }
     )
-    c.data = ConfigDict(
+    c.data = ConfigDict(  # the keys of fedlora_jax.data.config.DataConfig (docs/data.md)
         {
-            "source": "dolly",
+            "source": "dolly",  # dolly | natural_instructions | path
             "path": "",  # "" = the dataset shipped with the package
+            "fields": ConfigDict(),  # column names for source=path, e.g. response="output"
             "partition": "dirichlet",
             "alpha": 0.5,
             "num_clients": 4,
+            "categories_per_client": 2,
+            "min_client_size": 10,
             "test_fraction": 0.1,
             "test_cap": 50,
             "max_seq_len": 256,
+            "max_prompt_len": 0,
+            "min_response_tokens": 16,
+            "min_instruction_tokens": 16,
             "template": "alpaca",
             "on_bad_row": "error",
+            "dedupe": False,
             "seed": 0,
         }
     )
@@ -142,7 +152,7 @@ def smoke_preset(cfg: ConfigDict) -> ConfigDict:
     """stories260K, 4 clients, 2 rounds: the end-to-end run of the test suite (seconds)."""
     cfg.model.spec = "stories260k"
     cfg.adapter.update(r=4, alpha=8.0, dropout=0.0)
-    cfg.data.update(num_clients=4, max_seq_len=64, test_cap=8)
+    cfg.data.update(num_clients=4, max_seq_len=128, test_cap=8)
     cfg.federated.update(rounds=2, local_steps=3, batch_size=2)
     cfg.optim.lr = 5e-3
     cfg.eval.update(every=1, max_new_tokens=8, batch_size=4, max_examples_per_client=4)
@@ -210,7 +220,7 @@ def set_key(cfg: ConfigDict, key: str, raw: Any) -> None:
     for i, part in enumerate(parents):
         node = _child(node, part, ".".join(parents[: i + 1]))
     if leaf not in node:
-        if parents and parents[-1] == "options":  # algorithm.options accepts any builder kwarg
+        if parents and parents[-1] in FREE_SECTIONS:  # any builder kwarg / column name
             node[leaf] = _literal(raw) if isinstance(raw, str) else raw
             return
         raise ConfigError(_unknown(key, node))
@@ -275,8 +285,8 @@ def from_dict(d: Mapping[str, Any]) -> ConfigDict:
         if section not in cfg:
             raise ConfigError(_unknown(section, cfg))
         for key, value in values.items():
-            if section == "algorithm" and key == "options":
-                cfg.algorithm.options = ConfigDict(dict(value))
+            if key in FREE_SECTIONS:
+                cfg[section][key] = ConfigDict(dict(value))
             else:
                 set_key(cfg, f"{section}.{key}", value)
     validate(cfg)
@@ -320,13 +330,14 @@ def validate(cfg: ConfigDict) -> None:
             "federated.clients_per_round and federated.client_fraction are both set; "
             "set one (the other 0)"
         )
-    if fed.clients_per_round > data.num_clients:
+    if data.num_clients and fed.clients_per_round > data.num_clients:
         raise ConfigError(
             f"federated.clients_per_round={fed.clients_per_round} exceeds "
             f"data.num_clients={data.num_clients}"
         )
     if cfg.adapter.dropout >= 1:
         raise ConfigError(f"adapter.dropout={cfg.adapter.dropout!r} is not valid; must be < 1")
+    DataConfig.from_mapping(cfg.data)  # the data module's own checks (DataError, one line)
 
 
 def adapter_kind(cfg: ConfigDict) -> str:

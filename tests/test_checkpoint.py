@@ -54,6 +54,19 @@ def test_round_trip_is_exact_and_keeps_types(tmp_path: pathlib.Path) -> None:
         assert meta1["round"] == 1
 
 
+def test_restored_state_does_not_recompile_jitted_functions(tmp_path: pathlib.Path) -> None:
+    """Orbax returns device-committed arrays; jit keys its cache on commitment, so a resumed run
+    would compile its round function again unless restore matches the fresh state's."""
+    f = jax.jit(lambda s: s["server"]["A"].sum() + jax.random.normal(s["key"]))
+    like = _state(0)
+    f(like)
+    with Checkpointer(tmp_path, keep=1) as ck:
+        ck.save(1, _state(1), {"round": 1})
+        restored, _ = ck.restore(like)
+    f(restored)
+    assert f._cache_size() == 1
+
+
 def test_keeps_only_the_newest(tmp_path: pathlib.Path) -> None:
     with Checkpointer(tmp_path, keep=2) as ck:
         for step in range(1, 5):

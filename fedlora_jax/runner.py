@@ -1,0 +1,392 @@
+"""The run loop behind ``scripts/train.py``: config -> model, data, algorithm -> rounds -> run dir.
+
+``build`` does the expensive, config-determined work once (load the model, partition and tokenise
+the data, build the algorithm); ``run`` drives the rounds, evaluation, logging and checkpoints.
+Passing the same ``Setup`` to several ``run`` calls reuses the compiled round and evaluation
+functions (the engine and the harness cache them per algorithm phase and shape).
+
+Run directory: ``config.json`` (resolved config), ``clients.csv`` (client x category table),
+``metrics.jsonl``, ``tb/`` (TensorBoard), ``checkpoints/``, and at the end ``final_eval.json``,
+``results.md`` and ``metrics.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from fedlora_jax import algorithms
+from fedlora_jax import config as config_lib
+from fedlora_jax.adapters.base import AdapterConfig
+from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase
+from fedlora_jax.checkpoint import Checkpointer
+from fedlora_jax.config import ConfigError
+from fedlora_jax.data.batches import client_round_batches, stack_clients
+from fedlora_jax.data.pipeline import FederatedData, prepare_federated_data
+from fedlora_jax.data.tokenize import TokenizedSet
+from fedlora_jax.eval.harness import EvalExample, evaluate, from_tokenized
+from fedlora_jax.federated.engine import EngineConfig, EngineState, init_state, run_round
+from fedlora_jax.federated.sampling import num_sampled
+from fedlora_jax.logging import MetricsLogger, flatten
+from fedlora_jax.model.config import LlamaConfig
+from fedlora_jax.model.hub import resolve_model
+from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, write_results
+
+PyTree = Any
+CLIENT_TABLE_FILE = "clients.csv"
+CHECKPOINT_DIR = "checkpoints"
+# Keys that may differ between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = ("federated.rounds", "run.", "checkpoint.", "eval.every")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from a config before the first round."""
+
+    model_cfg: LlamaConfig
+    base: PyTree
+    tokenizer: Any
+    training: ClientTraining
+    algorithm: Algorithm
+    engine: EngineConfig
+    data: FederatedData
+    batches: RoundBatches
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: pathlib.Path
+    state: EngineState
+    history: list[dict[str, Any]]
+    final_eval: dict[str, Any] | None  # None when the run stopped before its last round
+
+
+def adapter_config(cfg: ConfigDict) -> AdapterConfig:
+    a = cfg.adapter
+    kind = config_lib.adapter_kind(cfg)
+    return AdapterConfig(
+        kind=kind, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
+        norm_axis=a.norm_axis, norm_eps=a.norm_eps, init=a.init,
+    )  # fmt: skip
+
+
+def client_training(cfg: ConfigDict, model_cfg: LlamaConfig) -> ClientTraining:
+    o = cfg.optim
+    return ClientTraining(
+        model=model_cfg,
+        adapter=adapter_config(cfg),
+        local_steps=cfg.federated.local_steps,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        schedule=o.schedule,
+        warmup_steps=o.warmup,
+        grad_clip=o.grad_clip,
+        optimizer_state=o.optimizer_state,
+        compute_dtype=cfg.model.compute_dtype,
+        remat=cfg.model.remat,
+    )
+
+
+def sampled_per_round(cfg: ConfigDict, num_clients: int) -> int:
+    f = cfg.federated
+    return num_sampled(num_clients, f.clients_per_round or None, f.client_fraction or None)
+
+
+def engine_config(cfg: ConfigDict) -> EngineConfig:
+    f = cfg.federated
+    return EngineConfig(
+        backend=f.backend,
+        chunk_size=f.chunk_size,
+        clients_per_round=f.clients_per_round or None,
+        client_fraction=f.client_fraction or None,
+        seed=cfg.run.seed,
+    )
+
+
+def build_algorithm(cfg: ConfigDict, training: ClientTraining, num_clients: int) -> Algorithm:
+    """``algorithms.get(name)(training, **options)``; a wrong option is a one-line error."""
+    builder = algorithms.get(cfg.algorithm.name)
+    options = cfg.algorithm.options.to_dict()
+    if cfg.algorithm.name == "centralized":  # same examples per round as the federated runs
+        options.setdefault("clients_per_round", sampled_per_round(cfg, num_clients))
+    try:
+        return builder(training, **options)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ConfigError(
+            f"algorithm.options: {e}; see the docstring of algorithm {cfg.algorithm.name!r}"
+        ) from None
+
+
+def load_model(cfg: ConfigDict) -> tuple[LlamaConfig, PyTree, Any]:
+    """(architecture, base weights in model.dtype, tokenizer) for model.spec."""
+    resolved = resolve_model(cfg.model.spec, dtype=jnp.dtype(cfg.model.dtype))
+    return resolved.cfg, resolved.base, resolved.tokenizer
+
+
+def build(cfg: ConfigDict, *, verbose: bool = True) -> Setup:
+    """Load the model and data and build the algorithm for ``cfg`` (validated first)."""
+    config_lib.validate(cfg)
+    model_cfg, base, tokenizer = load_model(cfg)
+    data = prepare_federated_data(cfg.data, tokenizer, verbose=verbose)
+    training = client_training(cfg, model_cfg)
+    algorithm = build_algorithm(cfg, training, len(data.clients))
+    batches = RoundBatches(data, algorithm, cfg)
+    return Setup(model_cfg, base, tokenizer, training, algorithm, engine_config(cfg), data, batches)
+
+
+class RoundBatches:
+    """The engine's batch function ``(round, phase, client_ids) -> [K, steps, batch, seq]``.
+
+    A round draws ``sum(phase steps) x batch_size`` rows from each sampled client's epoch stream
+    (``data.batches.client_round_batches``) and gives the phases consecutive slices of it, so
+    two phases of a round (FedLoRA-Optimizer's global and local) see different rows. A
+    pooled-data algorithm (Centralised) trains client 0 on the union of the clients' rows.
+    """
+
+    def __init__(self, data: FederatedData, algorithm: Algorithm, cfg: ConfigDict) -> None:
+        self._clients = [c.train for c in data.clients]
+        if algorithm.pooled_data:
+            self._clients = [_concat([c.train for c in data.clients])]
+        self._offsets = np.cumsum([0] + [p.steps for p in algorithm.phases])
+        self._phases = algorithm.phases
+        self._batch_size = cfg.federated.batch_size
+        self._seq_len = cfg.data.max_seq_len
+        self._seed = cfg.data.seed
+        self._cache: tuple[tuple, dict[str, np.ndarray]] | None = None
+
+    def __call__(self, round_idx: int, phase: Phase, ids: np.ndarray) -> dict[str, np.ndarray]:
+        key = (round_idx, tuple(int(i) for i in ids))
+        if self._cache is None or self._cache[0] != key:
+            per_client = [
+                client_round_batches(
+                    self._clients[i], steps=int(self._offsets[-1]), batch_size=self._batch_size,
+                    seq_len=self._seq_len, seed=self._seed, round=round_idx, client_id=i,
+                )  # fmt: skip
+                for i in key[1]
+            ]
+            self._cache = (key, stack_clients(per_client))
+        p = self._phases.index(phase)
+        lo, hi = self._offsets[p], self._offsets[p + 1]
+        return {k: v[:, lo:hi] for k, v in self._cache[1].items()}
+
+
+def _concat(sets: list[TokenizedSet]) -> TokenizedSet:
+    return TokenizedSet(
+        tokens=np.concatenate([s.tokens for s in sets]),
+        lengths=np.concatenate([s.lengths for s in sets]),
+        prompt_lengths=np.concatenate([s.prompt_lengths for s in sets]),
+        row_ids=np.concatenate([s.row_ids for s in sets]),
+        pad_id=sets[0].pad_id,
+    )
+
+
+def test_sets(data: FederatedData, cap: int) -> list[list[EvalExample]]:
+    """Each client's test split as harness examples; the first ``cap`` rows (0 = all)."""
+    out = []
+    for client in data.clients:
+        examples = from_tokenized(client.test.full, data.examples)
+        out.append(examples[:cap] if cap else examples)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run(
+    cfg: ConfigDict,
+    *,
+    resume: bool = False,
+    setup: Setup | None = None,
+    stop_after_round: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train for ``cfg.federated.rounds`` rounds in ``out_dir/name``; continue a run with
+    ``resume``. ``stop_after_round`` ends this process's work after that round (the run stays
+    resumable), e.g. for time-limited jobs."""
+    config_lib.validate(cfg)
+    run_dir = pathlib.Path(cfg.run.out_dir) / config_lib.run_name(cfg)
+    _prepare_run_dir(run_dir, cfg, resume)
+    setup = setup or build(cfg, verbose=progress)
+    setup.data.table.to_csv(run_dir / CLIENT_TABLE_FILE)
+
+    state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
+    history: list[dict[str, Any]] = []
+    rounds = cfg.federated.rounds
+    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep) as ckpt:
+        if resume and ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(state)
+            history = list(meta["history"])
+        with MetricsLogger(
+            run_dir, rounds=rounds, resume_round=state.round, progress=progress, echo=echo
+        ) as logger:
+            while state.round < rounds:
+                state, row = _one_round(cfg, setup, state)
+                history.append(row)
+                logger.log(state.round, row)
+                every = cfg.checkpoint.every
+                if state.round == rounds or (every and state.round % every == 0):
+                    ckpt.save(state.round, state, _meta(state, history))
+                if stop_after_round is not None and state.round >= stop_after_round:
+                    break
+    final = None
+    if state.round >= rounds:
+        final = _final_eval(cfg, setup, state, run_dir)
+        write_results(run_dir)
+    return RunResult(run_dir, state, history, final)
+
+
+def _meta(state: EngineState, history: list[dict[str, Any]]) -> dict[str, Any]:
+    # Client sampling and batches are pure functions of (seed, round, client): the round is the
+    # whole data-order state.
+    return {"round": int(state.round), "history": history}
+
+
+def _one_round(cfg: ConfigDict, setup: Setup, state: EngineState) -> tuple[EngineState, dict]:
+    start = time.perf_counter()
+    state, metrics = run_round(
+        setup.algorithm, state, setup.base, setup.batches, setup.data.weights, setup.engine
+    )
+    row = round_metrics(setup.algorithm, metrics)
+    row["time/train_s"] = time.perf_counter() - start
+    every = cfg.eval.every
+    if state.round == cfg.federated.rounds or (every and state.round % every == 0):
+        t = time.perf_counter()
+        report = evaluate_state(cfg, setup, state)
+        row.update(eval_metrics(report))
+        row["time/eval_s"] = time.perf_counter() - t
+    row["time/round_s"] = time.perf_counter() - start
+    return state, row
+
+
+def round_metrics(algorithm: Algorithm, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The engine's round metrics as flat scalars: ``phase/<phase>/<name>`` (means over the
+    sampled clients), ``train/loss`` (the first phase's: the one that trains the shared model)
+    and ``comm/*``."""
+    row: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith("comm/"):
+            row[key] = value
+        elif (
+            "/" in key
+            and "/per_client/" not in key
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        ):
+            row[f"phase/{key}"] = value
+    first = algorithm.phases[0].name
+    if f"phase/{first}/loss" in row:
+        row["train/loss"] = row[f"phase/{first}/loss"]
+    return row
+
+
+def eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """``global/<metric>`` and ``local/<metric>/<mean|weighted_mean|worst|std>``."""
+    row: dict[str, float] = {}
+    if report.get("global"):
+        row.update(flatten(report["global"]["metrics"], "global"))
+    if report.get("local"):
+        row.update(flatten(report["local"]["summary"], "local"))
+    return row
+
+
+def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[str, Any]:
+    """The eval harness's global/local report for the models in ``state``."""
+    global_adapters, personal = setup.algorithm.models(state.server_state, state.client_states)
+    tests = test_sets(setup.data, cfg.eval.max_examples_per_client)
+    sizes = setup.data.weights
+    return evaluate(
+        setup.base, global_adapters, personal, tests,
+        cfg=setup.model_cfg, adapter_cfg=setup.training.adapter, tokenizer=setup.tokenizer,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        compute_dtype=jnp.dtype(cfg.model.compute_dtype),
+        client_weights={i: float(s) for i, s in enumerate(sizes)},
+    )  # fmt: skip
+
+
+def _final_eval(
+    cfg: ConfigDict, setup: Setup, state: EngineState, run_dir: pathlib.Path
+) -> dict[str, Any]:
+    report = evaluate_state(cfg, setup, state)
+    report["round"] = int(state.round)
+    (run_dir / FINAL_EVAL_FILE).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def evaluate_checkpoint(
+    run_dir: str | pathlib.Path,
+    *,
+    round_: int | None = None,
+    overrides: Sequence[str] = (),
+    setup: Setup | None = None,
+) -> dict[str, Any]:
+    """The report for a run's checkpoint (latest by default); ``overrides`` may set eval.*."""
+    run_dir = pathlib.Path(run_dir)
+    saved = run_dir / CONFIG_FILE
+    if not saved.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    cfg = config_lib.from_dict(json.loads(saved.read_text()))
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"evaluate: only eval.* keys may be overridden, got {bad}")
+    config_lib.apply_overrides(cfg, overrides)
+    config_lib.validate(cfg)
+    setup = setup or build(cfg, verbose=False)
+    state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
+    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep) as ckpt:
+        state, _ = ckpt.restore(state, step=round_)
+    report = evaluate_state(cfg, setup, state)
+    report["round"] = int(state.round)
+    return report
+
+
+# ----------------------------------------------------------------------------- run dir
+
+
+def _prepare_run_dir(run_dir: pathlib.Path, cfg: ConfigDict, resume: bool) -> None:
+    saved_path = run_dir / CONFIG_FILE
+    current = config_lib.to_dict(cfg)
+    if saved_path.exists():
+        if not resume:
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass --resume to continue it, or set "
+                "run.name / run.out_dir for a new one"
+            )
+        changed = _changed_keys(json.loads(saved_path.read_text()), current)
+        if changed:
+            raise ConfigError(
+                f"--resume: the config differs from {saved_path} in {', '.join(changed)}; "
+                f"only {', '.join(RESUMABLE_CHANGES)} may change"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(current, indent=1, sort_keys=True))
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    flat_old, flat_new = _flat(old), _flat(new)
+    keys = sorted(set(flat_old) | set(flat_new))
+    return [
+        k for k in keys
+        if flat_old.get(k) != flat_new.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]  # fmt: skip
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat(v, name + "."))
+        else:
+            out[name] = v
+    return out
