@@ -1,4 +1,4 @@
-"""Second-moment change of basis and the AJIVE-style joint signal (fedlora_jax.optim.ajive)."""
+"""Second-moment change of basis and the AJIVE-style joint subspace (fedlora_jax.optim.ajive)."""
 
 from __future__ import annotations
 
@@ -8,102 +8,123 @@ import pytest
 
 from fedlora_jax.optim import ajive
 
+M, N, R, K = 10, 24, 4, 4
 
-def _orthonormal(rng: np.random.Generator, n: int, r: int) -> np.ndarray:
+
+def _orthonormal_rows(rng: np.random.Generator, r: int, n: int) -> np.ndarray:
     q, _ = np.linalg.qr(rng.normal(size=(n, r)))
-    return q
+    return q.T
 
 
-def test_lift_and_to_basis_are_rotated_covariance_diagonals():
+def test_change_basis_is_rotated_covariance_diagonal():
     rng = np.random.default_rng(0)
-    m, n, r = 4, 7, 3
-    p = _orthonormal(rng, n, r).T  # right side: r x n
-    nu = rng.uniform(size=(m, r))
-    full = np.asarray(ajive.lift(jnp.asarray(nu), jnp.asarray(p), "right"))
-    # Row i: diag(P^T diag(nu_i) P), the full-space variance of a projected-back gradient.
-    want = np.stack([np.diag(p.T @ np.diag(nu[i]) @ p) for i in range(m)])
-    np.testing.assert_allclose(full, want, rtol=1e-5)
-    p_new = _orthonormal(rng, n, r).T
-    back = np.asarray(ajive.to_basis(jnp.asarray(want), jnp.asarray(p_new), "right"))
-    want_back = np.stack([np.diag(p_new @ np.diag(want[i]) @ p_new.T) for i in range(m)])
-    np.testing.assert_allclose(back, want_back, rtol=1e-5)
-    # Left side is the transposed picture.
-    left = np.asarray(ajive.lift(jnp.asarray(nu.T), jnp.asarray(p.T), "left"))
+    p_from, p_to = _orthonormal_rows(rng, 3, 7), _orthonormal_rows(rng, 3, 7)
+    nu = rng.uniform(size=(5, 3))
+    got, cover = ajive.change_basis(
+        jnp.asarray(nu), jnp.asarray(p_from), jnp.asarray(p_to), "right"
+    )
+    # Row i: diag(P_to C_i P_to^T) with C_i = P_from^T diag(nu_i) P_from (full-space covariance).
+    want = np.stack([np.diag(p_to @ p_from.T @ np.diag(v) @ p_from @ p_to.T) for v in nu])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(cover, np.sum((p_to @ p_from.T) ** 2, axis=1), rtol=1e-5)
+    # The left side is the transposed picture (projectors m x r, moments r x n).
+    left, _ = ajive.change_basis(
+        jnp.asarray(nu.T), jnp.asarray(p_from.T), jnp.asarray(p_to.T), "left"
+    )
     np.testing.assert_allclose(left, want.T, rtol=1e-5)
 
 
-def test_identity_and_selection_projectors_are_exact():
+def test_to_basis_keeps_energy_in_the_same_span_and_drops_uncovered_directions():
     rng = np.random.default_rng(1)
-    v = jnp.asarray(rng.uniform(size=(5, 6)), jnp.float32)
-    select = jnp.asarray(np.eye(6)[[4, 1, 2]])  # right: 3 x 6 coordinate selection
-    low = ajive.to_basis(v, select, "right")
-    np.testing.assert_allclose(low, np.asarray(v)[:, [4, 1, 2]])
-    np.testing.assert_allclose(
-        ajive.to_basis(ajive.lift(low, select, "right"), select, "right"), low
-    )
+    basis = _orthonormal_rows(rng, 4, 12)
+    rot = np.linalg.qr(rng.normal(size=(2, 2)))[0]
+    outside = _orthonormal_rows(rng, 2, 12)
+    outside -= outside @ basis.T @ basis  # orthogonal to the basis
+    outside = np.linalg.qr(outside.T)[0].T
+    # New basis: a rotation of the first two basis rows, then two directions outside its span.
+    new = np.concatenate([rot @ basis[:2], outside])
+    nu = rng.uniform(1.0, 2.0, size=(5, 4))
+    nu[:, 2:] = 0.0  # energy only along the first two basis directions
+    got = np.asarray(ajive.to_basis(jnp.asarray(nu), jnp.asarray(basis), jnp.asarray(new), "right"))
+    np.testing.assert_allclose(got[:, :2].sum(1), nu[:, :2].sum(1), rtol=1e-5)
+    np.testing.assert_allclose(got[:, 2:], 0.0, atol=1e-6)
+    # Exact for the same basis.
+    same = ajive.to_basis(jnp.asarray(nu), jnp.asarray(basis), jnp.asarray(basis), "right")
+    np.testing.assert_allclose(same, nu, rtol=1e-5, atol=1e-6)
 
 
-def _planted(rng: np.random.Generator, k: int, m: int, n: int, noise: float):
-    """Blocks X_k = J + I_k + E_k: J shared (row space R_J, rank 2), I_k client-specific rank 2
-    with row spaces orthogonal to R_J (AJIVE's model), E_k small noise."""
-    basis = _orthonormal(rng, n, 2 + 2 * k)
-    rj = basis[:, :2]
-    joint = rng.normal(size=(m, 2)) @ rj.T * 3.0
-    blocks = []
-    for c in range(k):
-        ri = basis[:, 2 + 2 * c : 4 + 2 * c]
-        indiv = rng.normal(size=(m, 2)) @ ri.T * 3.0
-        blocks.append(joint + indiv + noise * rng.normal(size=(m, n)))
-    return np.stack(blocks), joint, rj
+def _planted(rng: np.random.Generator):
+    """K clients whose GaLore subspaces share 2 joint directions J (in client-specific order and
+    sign) plus 2 directions of their own, orthogonal to J. The joint moment is the same for all
+    clients (up to that order), the individual moments are large and client-specific."""
+    basis = _orthonormal_rows(rng, 2 + 2 * K, N)
+    joint = basis[:2]
+    joint_nu = rng.uniform(1.0, 2.0, size=(M, 2))
+    projs, nus = [], []
+    for k in range(K):
+        order = [1, 0] if k % 2 else [0, 1]
+        sign = np.array([1.0, -1.0])[:, None] if k % 3 == 0 else 1.0
+        projs.append(np.concatenate([sign * joint[order], basis[2 + 2 * k : 4 + 2 * k]]))
+        nus.append(np.concatenate([joint_nu[:, order], rng.uniform(10, 20, (M, 2))], axis=1))
+    return np.stack(projs), np.stack(nus), joint, joint_nu
 
 
-def test_joint_component_recovers_planted_shared_signal():
+def test_joint_subspace_recovered_and_individual_parts_discarded():
     rng = np.random.default_rng(2)
-    blocks, joint, rj = _planted(rng, k=4, m=10, n=24, noise=0.01)
+    projs, nus, joint, joint_nu = _planted(rng)
     w = np.array([1.0, 2.0, 1.0, 3.0])
-    est, jrank = ajive.joint_component(jnp.asarray(blocks), jnp.asarray(w), signal_rank=4)
-    est = np.asarray(est)
-    assert int(jrank) == 2
-    assert np.linalg.norm(est - joint) < 0.02 * np.linalg.norm(joint)
-    # Nothing outside the planted joint row space survives (client-specific parts discarded).
-    outside = est - est @ rj @ rj.T
-    assert np.linalg.norm(outside) < 0.01 * np.linalg.norm(joint)
-    # The plain weighted mean keeps the client-specific parts: the extraction is doing work.
-    mean = np.einsum("k,kmn->mn", w / w.sum(), blocks)
-    assert np.linalg.norm(mean - joint) > 0.3 * np.linalg.norm(joint)
-
-
-def test_zero_weight_client_is_ignored():
-    rng = np.random.default_rng(3)
-    blocks, _, _ = _planted(rng, k=3, m=8, n=20, noise=0.01)
-    w = jnp.asarray([1.0, 1.0, 0.0])
-    junk = blocks.copy()
-    junk[2] = 50.0 * rng.normal(size=junk[2].shape)
-    a, ra = ajive.joint_component(jnp.asarray(blocks), w, signal_rank=4)
-    b, rb = ajive.joint_component(jnp.asarray(junk), w, signal_rank=4)
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    assert int(ra) == int(rb) == 2
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_shared_second_moment_sides_and_mean(side):
-    rng = np.random.default_rng(4)
-    blocks, joint, _ = _planted(rng, k=3, m=10, n=24, noise=0.01)
-    # Identity projectors make the lift the identity, so the planted blocks are the nus.
-    if side == "right":
-        nus, projs = blocks, np.broadcast_to(np.eye(24), (3, 24, 24))
-    else:
-        nus, projs = blocks.transpose(0, 2, 1), np.broadcast_to(np.eye(24), (3, 24, 24))
-    w = jnp.ones(3)
-    shared, jrank = ajive.shared_second_moment(
-        jnp.asarray(nus), jnp.asarray(projs), w, side, signal_rank=4
+    basis, shared, kept = ajive.shared_second_moment(
+        jnp.asarray(nus), jnp.asarray(projs), jnp.asarray(w), "right", "ajive"
     )
-    got = np.asarray(shared) if side == "right" else np.asarray(shared).T
-    assert int(jrank) == 2
-    np.testing.assert_allclose(got, np.maximum(joint, 0.0), atol=0.05 * np.abs(joint).max())
-    mean, _ = ajive.shared_second_moment(jnp.asarray(nus), jnp.asarray(projs), w, side, "mean")
-    np.testing.assert_allclose(mean, np.maximum(np.asarray(nus).mean(0), 0.0), rtol=1e-5)
-    assert float(jnp.min(shared)) >= 0.0
+    basis, shared = np.asarray(basis), np.asarray(shared)
+    assert int(kept) == 2
+    # The kept rows span exactly the planted joint space; the dropped rows are zero.
+    np.testing.assert_allclose(basis.T @ basis, joint.T @ joint, atol=1e-5)
+    # Step 3 in numpy: coverage-weighted mean of the clients' moments moved into the basis.
+    wn = w / w.sum()
+    moved = sum(wk * v @ ((basis @ p.T) ** 2).T for wk, v, p in zip(wn, nus, projs, strict=True))
+    cover = sum(wk * np.sum((basis @ p.T) ** 2, axis=1) for wk, p in zip(wn, projs, strict=True))
+    want = np.where(cover > 1e-6, moved / np.maximum(cover, 1e-6), 0.0)
+    np.testing.assert_allclose(shared, want, rtol=1e-4, atol=1e-6)
+    # A client whose new subspace is J plus client 0's individual directions: it inherits the
+    # joint energy along J and nothing (a cold start) on the individual directions.
+    new = np.concatenate([joint, projs[0, 2:]])
+    seed = np.asarray(
+        ajive.to_basis(jnp.asarray(shared), jnp.asarray(basis), jnp.asarray(new), "right")
+    )
+    np.testing.assert_allclose(seed[:, :2].sum(1), joint_nu.sum(1), rtol=1e-4)
+    np.testing.assert_allclose(seed[:, 2:], 0.0, atol=1e-6)
+    # "mean" keeps the r leading directions of the union, here J and the individual directions
+    # of the heaviest client (3): its client-specific moments leak into the shared state.
+    b_mean, s_mean, kept_mean = ajive.shared_second_moment(
+        jnp.asarray(nus), jnp.asarray(projs), jnp.asarray(w), "right", "mean"
+    )
+    assert int(kept_mean) == R
+    heavy = jnp.asarray(np.concatenate([joint, projs[3, 2:]]))
+    leaked = ajive.to_basis(s_mean, b_mean, heavy, "right")[:, 2:]
+    np.testing.assert_allclose(np.asarray(leaked).sum(1), nus[3, :, 2:].sum(1), rtol=1e-4)
+    np.testing.assert_allclose(ajive.to_basis(shared, basis, heavy, "right")[:, 2:], 0.0)
+
+
+def test_left_side_is_the_transpose_and_zero_weight_is_ignored():
+    rng = np.random.default_rng(3)
+    projs, nus, _, _ = _planted(rng)
+    w = jnp.asarray([1.0, 1.0, 1.0, 0.0])
+    b, s, kept = ajive.shared_second_moment(jnp.asarray(nus), jnp.asarray(projs), w, "right")
+    junk_nus, junk_projs = nus.copy(), projs.copy()
+    junk_nus[3] = 1e6
+    junk_projs[3] = _orthonormal_rows(rng, R, N)
+    bl, sl, kl = ajive.shared_second_moment(
+        jnp.asarray(junk_nus.transpose(0, 2, 1)),
+        jnp.asarray(junk_projs.transpose(0, 2, 1)),
+        w,
+        "left",
+    )
+    assert int(kept) == int(kl) == 2
+    right_form = np.asarray(bl).T  # left-side bases are m x r: the transposed picture
+    np.testing.assert_allclose(right_form.T @ right_form, np.asarray(b.T @ b), atol=1e-5)
+    # Per row of the moment, the joint energy does not depend on the basis chosen inside the span.
+    np.testing.assert_allclose(np.asarray(sl).sum(0), np.asarray(s).sum(1), rtol=1e-4)
 
 
 def test_bad_sync_and_threshold_are_named():

@@ -4,12 +4,12 @@ second moment.
 Clients train full-size updates ΔW of the target matrices (adapter kind ``dense_delta``) with
 GaLore-Adam (``fedlora_jax.optim.galore``), starting every round from the global ΔW with a fresh
 optimizer: first moment zero, projector from the SVD of the round's first gradient, second moment
-seeded from the server's shared one mapped into that new basis (``optim.ajive.to_basis``). They
+seeded from the server's shared one moved into that new basis (``optim.ajive.to_basis``). They
 upload their change this round plus, unless ``sync="none"``, their projected second moment and
-projector. The server FedAvgs the changes and builds the shared second moment (full m x n per
-target): ``ajive`` = data-weighted mean of the joint parts of the clients' lifted moments,
-``mean`` = the plain data-weighted mean, ``none`` = no sync (GaLore + FedAvg). Round 0 has no
-shared moment yet, so its clients start Adam cold. The personal model is the global one.
+projector. The server FedAvgs the changes and builds the shared second moment in a rank-r basis
+of its own (``optim.ajive``): ``ajive`` keeps only the directions joint to the clients' GaLore
+subspaces, ``mean`` the r leading directions of their union; ``none`` = GaLore + FedAvg. Round 0
+has no shared moment yet, so its clients start Adam cold. The personal model is the global one.
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ Array = jax.Array
 SYNCS = ("ajive", "mean", "none")
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
 def make_galore_optimizer(
     training: ClientTraining, rank: int, update_proj_gap: int, scale: float
 ) -> optax.GradientTransformation:
@@ -55,42 +51,37 @@ def make_galore_optimizer(
     return optax.chain(*parts)
 
 
-def seed_second_moment(shared: PyTree, proj: PyTree) -> PyTree:
-    """The server's full-space second moment in each leaf's new basis (dense leaves: as is)."""
+def seed_second_moment(basis: PyTree, shared: PyTree, proj: PyTree) -> PyTree:
+    """The server's shared moment (in its basis) moved into each leaf's new projector basis."""
 
-    def one(v: Array, p: Array | None) -> Array:
-        return v if p is None else ajive.to_basis(v, p, galore.side_of(v))
+    def one(b: Array, v: Array, p: Array) -> Array:
+        return ajive.to_basis(v, b, p, _side(p, v))
 
-    return jax.tree.map(one, shared, proj, is_leaf=_is_none)
+    return jax.tree.map(one, basis, shared, proj)
+
+
+def _side(proj: Array, nu: Array) -> galore.Side:
+    """Right-side projectors are r x n with nu m x r; left ones m x r with nu r x n."""
+    return "right" if proj.shape[-2] == nu.shape[-1] else "left"
 
 
 def shared_second_moment(
-    nus: PyTree,
-    projs: PyTree,
-    weights: Array,
-    full_like: PyTree,
-    method: str,
-    signal_rank: int | None,
-    threshold: float,
-) -> tuple[PyTree, PyTree]:
-    """Per leaf (shared m x n >= 0, joint rank); dense leaves take the weighted mean."""
-
-    def one(ref: Array, nu: Array, p: Array | None) -> tuple[Array, Array]:
-        if p is None:  # dense-Adam leaf: its moment is already full-space
-            return ajive.mean_second_moment(nu, weights), jnp.asarray(min(ref.shape), jnp.int32)
-        return ajive.shared_second_moment(
-            nu, p, weights, galore.side_of(ref), method, signal_rank, threshold
-        )
-
-    pairs = jax.tree.map(one, full_like, nus, projs, is_leaf=_is_none)
-    outer = jax.tree.structure(full_like)
-    shared, ranks = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
-    return shared, ranks
+    nus: PyTree, projs: PyTree, weights: Array, method: str, threshold: float
+) -> tuple[PyTree, PyTree, PyTree]:
+    """Per leaf (basis, shared moment, kept directions) from the clients' stacked uploads."""
+    out = jax.tree.map(
+        lambda v, p: ajive.shared_second_moment(v, p, weights, _side(p, v), method, threshold),
+        nus,
+        projs,
+    )
+    outer, inner = jax.tree.structure(nus), jax.tree.structure((0, 0, 0))
+    return jax.tree.transpose(outer, inner, out)
 
 
 def _check_options(
     training: ClientTraining, rank: int, sync: str, threshold: float, targets: str
 ) -> None:
+    """Reject bad options with the key name and the allowed values."""
     require_kind("fedgalore", training, ("dense_delta",))
     if training.optimizer_state != "fresh":
         raise ValueError(
@@ -112,6 +103,15 @@ def _check_options(
         )
 
 
+def _check_rank(adapters: PyTree, rank: int) -> None:
+    smallest = min(min(x.shape[-2:]) for x in jax.tree.leaves(adapters))
+    if rank >= smallest:
+        raise ValueError(
+            f"algorithm.options.rank={rank} must be smaller than the smallest side of every "
+            f"target matrix ({smallest}); lower the rank or change the targets"
+        )
+
+
 @register("fedgalore")
 def fedgalore(
     training: ClientTraining,
@@ -120,16 +120,15 @@ def fedgalore(
     galore_scale: float = 0.25,
     sync: str = "ajive",
     threshold: float = 0.75,
-    signal_rank: int | None = None,
     targets: str = "attn",
 ) -> Algorithm:
     """rank: GaLore rank (None = adapter.r); update_proj_gap: projector refresh period within a
     round (each round refreshes at its step 0); galore_scale: GaLore's alpha; sync: ajive | mean |
-    none; threshold: AJIVE joint threshold on the mean squared cosine; signal_rank: AJIVE per-block
-    signal rank (None = rank); targets: modules trained ("adapter" = adapter.targets).
+    none; threshold: AJIVE joint threshold on the mean squared cosine; targets: modules trained
+    ("adapter" = adapter.targets).
 
-    server_state {"adapters", and unless sync=none "nu" (full-size), "synced", "joint_rank"};
-    client_states {"rounds"[N]}.
+    server_state {"adapters", and unless sync=none "basis" and "nu" (projector- and moment-shaped
+    per target), "synced", "joint_rank"}; client_states {"rounds"[N]}.
     """
     rank = training.adapter.r if rank is None else rank
     _check_options(training, rank, sync, threshold, targets)
@@ -137,6 +136,9 @@ def fedgalore(
         training.adapter
         if targets == "adapter"
         else dataclasses.replace(training.adapter, targets=targets)
+    )
+    _check_rank(
+        jax.eval_shape(lambda: init_adapters(jax.random.key(0), training.model, adapter_cfg)), rank
     )
     loss_fn = make_loss_fn(training)
     tx = make_galore_optimizer(training, rank, update_proj_gap, galore_scale)
@@ -146,13 +148,14 @@ def fedgalore(
         adapters = init_adapters(key, training.model, adapter_cfg)
         server: dict[str, Any] = {"adapters": adapters}
         if synced:
-            server["nu"] = jax.tree.map(jnp.zeros_like, adapters)
+            fresh = galore.find_state(tx.init(adapters))
+            server["basis"], server["nu"] = fresh.proj, fresh.nu
             server["synced"] = jnp.zeros([], bool)
             server["joint_rank"] = jax.tree.map(lambda _: jnp.zeros([], jnp.int32), adapters)
         return server, init_client_states(training, tx, adapters, num_clients)
 
     def broadcast(server, client_ids):
-        return {k: server[k] for k in ("adapters", "nu", "synced") if k in server}
+        return {k: server[k] for k in ("adapters", "basis", "nu", "synced") if k in server}
 
     def client_update(base, payload, client_state, batches, key):
         params = payload["adapters"]
@@ -164,7 +167,7 @@ def fedgalore(
                 params
             )
             opt_state = galore.refresh_projectors(opt_state, grads)
-            seed = seed_second_moment(payload["nu"], galore.projectors(opt_state))
+            seed = seed_second_moment(payload["basis"], payload["nu"], galore.projectors(opt_state))
             seed = jax.tree.map(lambda v: jnp.where(payload["synced"], v, 0.0), seed)
             opt_state = galore.set_second_moment(opt_state, seed)
         new, opt_state, metrics = local_train(loss_fn, base, params, tx, opt_state, batches, key)
@@ -178,10 +181,10 @@ def fedgalore(
         mean_delta = fedavg(uploads["delta"], weights)
         out = {"adapters": jax.tree.map(jnp.add, server["adapters"], mean_delta)}
         if synced:
-            shared, ranks = shared_second_moment(
-                uploads["nu"], uploads["proj"], weights, server["nu"], sync, signal_rank, threshold
+            basis, shared, kept = shared_second_moment(
+                uploads["nu"], uploads["proj"], weights, sync, threshold
             )
-            out.update(nu=shared, synced=jnp.ones([], bool), joint_rank=ranks)
+            out.update(basis=basis, nu=shared, synced=jnp.ones([], bool), joint_rank=kept)
         return out
 
     def models(server, client_states):

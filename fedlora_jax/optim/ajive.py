@@ -1,29 +1,32 @@
-"""The shared second moment of K GaLore clients: change of basis and AJIVE-style joint signal.
+"""The shared second moment of K GaLore clients: AJIVE-style joint subspace and change of basis.
 
-Each client's Adam second moment ``nu_k`` lives in its own projected basis P_k (see
-``galore.project``). It is a *diagonal* second moment, so a change of basis maps it through the
-squared projector entries, the diagonal of the rotated covariance (cross terms dropped):
+Client k holds a projector P_k (``galore.project`` conventions: right side r x n with orthonormal
+rows, left side m x r with orthonormal columns) and Adam's second moment nu_k in that basis. The
+server's shared moment lives in a basis B of the same form, so it is a GaLore state itself.
 
-* lift to the full m x n space: right side ``nu @ P**2``; left side ``P**2 @ nu``;
-* into a (new) basis P': right side ``V @ (P'**2).T``; left side ``(P'**2).T @ V``.
+Change of basis. nu is a *diagonal* second moment: entry j is the variance along direction j.
+Moving it to another basis uses the squared overlaps O = P_to P_from^T (right side), i.e. the
+diagonal of the rotated covariance with cross terms dropped: ``nu_to = nu @ (O**2).T``. The
+coverage ``c_j = sum(O[j]**2)`` says how much of new direction j the old basis spans; dividing by
+it keeps magnitudes honest (a direction half outside must not inherit half a variance). Going
+through the full m x n diagonal instead would spread a low-rank gradient's energy over all n
+coordinates and shrink the moment by about n/r; the subspace route does not.
 
-Both maps keep ``nu >= 0`` and are exact for identity / coordinate-selection projectors.
-
-``joint_component`` is AJIVE (Feng et al. 2018) reduced to what a server can afford each round:
-1. signal extraction: for each block X_k (m x n) keep the top ``signal_rank`` right singular
-   vectors with a non-negligible singular value; they span the block's signal row space;
-2. joint space: stack the bases, each scaled by sqrt(w_k) (w = normalised data weights), and take
-   the SVD. For a left singular vector u_i of the stack, sigma_i**2 = sum_k w_k cos^2(u_i, block
-   k's space): the data-weighted mean squared cosine with the clients' signal spaces (1 = in every
-   client's space, w_k = in client k's only). Directions with sigma_i**2 >= ``threshold`` are joint.
-   This fixed threshold stands in for AJIVE's Wedin / random-direction bound; the default 0.75
-   means "on average within 30 degrees of every client's space", which rejects a direction held by
-   one client of two (0.5). A random direction scores about signal_rank / n, so keep
-   signal_rank well under n/2;
-3. reconstruction: the joint part of block k is X_k Pi (Pi = projector onto the joint space);
-   their data-weighted mean, clipped at 0, is the shared second moment.
-The joint space is taken on the projector's side (rows of the lifted block for "right", columns
-for "left"), the side on which the clients' subspaces differ.
+Joint basis (AJIVE, Feng et al. 2018, reduced to what a server can afford each round):
+1. signal spaces: each client's signal row space is its GaLore subspace, the rows of P_k;
+2. joint space: SVD of the stacked bases [sqrt(w_1) P_1^T, ..., sqrt(w_K) P_K^T] (w = normalised
+   data weights). For its left singular vector b_a, sigma_a**2 = sum_k w_k cos^2(b_a, span P_k):
+   the data-weighted mean squared cosine with the clients' subspaces (1 = in every client's space,
+   w_k = in client k's only). ``ajive`` keeps, among the r leading directions, those with
+   sigma_a**2 >= ``threshold``: a fixed threshold standing in for AJIVE's Wedin/random-direction
+   bound. The default 0.75 ("within 30 degrees of every client's space on average") rejects a
+   direction held by one client of two (0.5); a random direction scores about r/n.
+   ``mean`` keeps all r leading directions (the principal subspace of the clients' average
+   projection), client-specific ones included;
+3. reconstruction: the shared moment along b_a is the coverage-weighted mean of the clients'
+   moments moved into B: ``sum_k w_k (nu_k @ (O_k**2).T)[:, a] / sigma_a**2`` (O_k = B P_k^T).
+A client then moves the shared moment into its new basis P'; directions of P' covered less than
+``MIN_COVERAGE`` by the kept directions get 0 (no information: they start Adam cold).
 """
 
 from __future__ import annotations
@@ -37,19 +40,13 @@ from fedlora_jax.optim.galore import Side
 
 Array = jax.Array
 SyncMethod = Literal["ajive", "mean"]
-_REL_TOL = 1e-5  # singular values below this fraction of a block's largest are numerical zeros
+MIN_COVERAGE = 0.5  # a new direction must lie at least half inside the shared basis to inherit
+_TINY = 1e-6  # sigma**2 below this: a numerically empty direction (e.g. only zero-weight clients)
 
 
-def lift(nu: Array, proj: Array, side: Side) -> Array:
-    """Projected diagonal second moment -> full m x n space."""
-    p2 = jnp.square(proj)
-    return nu @ p2 if side == "right" else p2 @ nu
-
-
-def to_basis(full: Array, proj: Array, side: Side) -> Array:
-    """Full m x n diagonal second moment -> the basis of ``proj`` (right: m x r, left: r x n)."""
-    p2 = jnp.square(proj)
-    return full @ p2.T if side == "right" else p2.T @ full
+def _right(x: Array, side: Side) -> Array:
+    """Left-side arrays transposed into the right-side convention (and back: an involution)."""
+    return x if side == "right" else jnp.swapaxes(x, -1, -2)
 
 
 def _normalised(weights: Array) -> Array:
@@ -57,31 +54,37 @@ def _normalised(weights: Array) -> Array:
     return w / jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
 
 
-def mean_second_moment(blocks: Array, weights: Array) -> Array:
-    """Data-weighted mean of full-space blocks [K, m, n], clipped at 0."""
-    return jnp.maximum(jnp.einsum("k,kmn->mn", _normalised(weights), blocks), 0.0)
+def change_basis(nu: Array, p_from: Array, p_to: Array, side: Side) -> tuple[Array, Array]:
+    """(unnormalised moment in ``p_to``'s basis, coverage [r_to] of each new direction)."""
+    nu, p_from, p_to = _right(nu, side), _right(p_from, side), _right(p_to, side)
+    o2 = jnp.square(p_to @ p_from.T)  # [r_to, r_from]
+    return _right(nu @ o2.T, side), jnp.sum(o2, axis=-1)
 
 
-def joint_component(
-    blocks: Array, weights: Array, signal_rank: int, threshold: float = 0.75
+def to_basis(nu: Array, p_from: Array, p_to: Array, side: Side) -> Array:
+    """Move a second moment into another basis: coverage-normalised, 0 where coverage is low."""
+    moved, cover = change_basis(nu, p_from, p_to, side)
+    ok = cover >= MIN_COVERAGE
+    scale = jnp.where(ok, 1.0 / jnp.where(ok, cover, 1.0), 0.0)
+    return _right(_right(moved, side) * scale, side)
+
+
+def joint_basis(
+    projs: Array, weights: Array, method: SyncMethod = "ajive", threshold: float = 0.75
 ) -> tuple[Array, Array]:
-    """Data-weighted mean of the blocks' joint parts on the row space (last axis).
-
-    blocks [K, m, n], weights [K] (0 = client left out). Returns (joint mean [m, n], joint rank).
-    """
+    """Right-side projectors [K, r, n] -> (basis [r, n], dropped rows zero; sigma**2 [r], 0 if
+    dropped)."""
+    if method not in ("ajive", "mean"):
+        raise ValueError(f"fedgalore sync={method!r} is not known; allowed: ajive, mean, none")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"fedgalore threshold must be in (0, 1], got {threshold!r}")
-    k, _, n = blocks.shape
+    k, r, n = projs.shape
     w = _normalised(weights)
-    _, s, vh = jnp.linalg.svd(blocks.astype(jnp.float32), full_matrices=False)
-    r = min(signal_rank, s.shape[-1])
-    signal = s[:, :r] > _REL_TOL * s[:, :1]
-    bases = vh[:, :r, :] * (jnp.sqrt(w)[:, None] * signal)[..., None]  # [K, r, n]
-    u, sigma, _ = jnp.linalg.svd(bases.reshape(k * r, n).T, full_matrices=False)
-    joint = (jnp.square(sigma) >= threshold).astype(jnp.float32)
-    pi = (u * joint) @ u.T
-    mean = jnp.einsum("k,kmn->mn", w, blocks.astype(jnp.float32)) @ pi
-    return mean, jnp.sum(joint).astype(jnp.int32)
+    stacked = (projs * jnp.sqrt(w)[:, None, None]).reshape(k * r, n).T  # [n, K r]
+    u, sigma, _ = jnp.linalg.svd(stacked.astype(jnp.float32), full_matrices=False)
+    s2 = jnp.square(sigma[:r])
+    keep = s2 >= (threshold if method == "ajive" else _TINY)
+    return (u[:, :r] * keep).T, jnp.where(keep, s2, 0.0)
 
 
 def shared_second_moment(
@@ -90,23 +93,22 @@ def shared_second_moment(
     weights: Array,
     side: Side,
     method: SyncMethod = "ajive",
-    signal_rank: int | None = None,
     threshold: float = 0.75,
-) -> tuple[Array, Array]:
-    """The server's shared second moment (full m x n, >= 0) from K clients' projected ones.
+) -> tuple[Array, Array, Array]:
+    """The server's shared moment from K clients' (nu_k, P_k) with a leading axis K.
 
-    nus [K, ...projected], projs [K, ...projector] in each client's own basis. ``signal_rank``
-    defaults to the projector rank. Returns (shared, joint rank; for "mean" the lifted rank bound).
+    Returns (basis shaped like a projector, moment shaped like a client's nu, number of kept
+    directions). Zero-weight clients contribute nothing.
     """
-    blocks = jax.vmap(lift, in_axes=(0, 0, None))(nus, projs, side)
-    rank = projs.shape[-2] if side == "right" else projs.shape[-1]
-    if method == "mean":
-        return mean_second_moment(blocks, weights), jnp.asarray(rank, jnp.int32)
-    if method != "ajive":
-        raise ValueError(f"fedgalore sync={method!r} is not known; allowed: ajive, mean, none")
-    if side == "left":
-        blocks = jnp.swapaxes(blocks, -1, -2)
-    shared, joint_rank = joint_component(blocks, weights, signal_rank or rank, threshold)
-    if side == "left":
-        shared = shared.T
-    return jnp.maximum(shared, 0.0), joint_rank
+    nus_r, projs_r = _right(nus, side), _right(projs, side)
+    basis, s2 = joint_basis(projs_r, weights, method, threshold)
+    moved, _ = jax.vmap(change_basis, in_axes=(0, 0, None, None))(nus_r, projs_r, basis, "right")
+    total = jnp.einsum("k,kmr->mr", _normalised(weights), moved)
+    shared = jnp.where(s2 > 0, total / jnp.maximum(s2, _TINY), 0.0)
+    kept = jnp.sum(s2 > 0).astype(jnp.int32)
+    return _right(basis, side), _right(jnp.maximum(shared, 0.0), side), kept
+
+
+def mean_second_moment(nus: Array, weights: Array) -> Array:
+    """Data-weighted mean of moments already in one common basis (dense-Adam leaves), >= 0."""
+    return jnp.maximum(jnp.einsum("k,k...->...", _normalised(weights), nus), 0.0)
