@@ -1,10 +1,14 @@
 """Dolly-15k federated LoRA presets: ``--config configs/dolly.py[:preset]``.
 
 default      SmolLM2-135M (offline package), shipped Dolly, Dirichlet(0.5) over its 8 categories,
-             4 clients, 3 rounds: the embedded default, sized for a 2-core CPU (<= 15 min).
+             4 clients, 3 rounds, FedLoRA-Optimizer: the embedded default, sized for a 2-core CPU.
 smoke        stories260K, 4 clients, 2 rounds: seconds; what the test suite runs.
 llama2-7b    paper scale (GPU/TPU): Llama-2-7B, bf16, 8 clients, r=8 alpha=16 on q,v, AdamW 3e-4.
 deepseek-7b  the same with DeepSeek-LLM-7B-base.
+fedlora-optimizer-llama2-7b  llama2-7b with FedLoRA-Optimizer.
+
+Presets other than default keep the schema's algorithm (FedIT); pick another with
+``--config.algorithm.name``.
 """
 
 from __future__ import annotations
@@ -13,11 +17,20 @@ from ml_collections import ConfigDict
 
 from fedlora_jax.config import paper_scale_preset, pick_preset, smoke_preset
 
+
+def fedlora_optimizer(cfg: ConfigDict) -> ConfigDict:
+    cfg.algorithm.name = "fedlora_optimizer"  # adapter.kind "auto" -> decomposed
+    return cfg
+
+
 PRESETS = {
-    "default": lambda c: c,
+    "default": fedlora_optimizer,
     "smoke": smoke_preset,
     "llama2-7b": lambda c: paper_scale_preset(c, "meta-llama/Llama-2-7b-hf", 8),
     "deepseek-7b": lambda c: paper_scale_preset(c, "deepseek-ai/deepseek-llm-7b-base", 8),
+    "fedlora-optimizer-llama2-7b": lambda c: fedlora_optimizer(
+        paper_scale_preset(c, "meta-llama/Llama-2-7b-hf", 8)
+    ),
 }
 
 

@@ -13,6 +13,8 @@ fedalt       FedALT's official setup (jmbian/FedALT) on Llama-2-7B: 8 clients, 2
              epochs at batch 8, fresh AdamW 3e-4 with linear decay each round, r=8 alpha=32 on q,v,
              local evaluation every 5 rounds. Other algorithms run on the same budget with
              --config.algorithm.name=fedit (adapter.kind=auto follows the algorithm).
+fedlora-optimizer            default with FedLoRA-Optimizer.
+fedlora-optimizer-llama2-7b  llama2-7b with FedLoRA-Optimizer.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def fedalt(cfg: ConfigDict) -> ConfigDict:
     return cfg
 
 
+def fedlora_optimizer(cfg: ConfigDict) -> ConfigDict:
+    cfg.algorithm.name = "fedlora_optimizer"  # adapter.kind "auto" -> decomposed
+    return cfg
+
+
 PRESETS = {
     "default": natural_instructions,
     "smoke": lambda c: smoke_preset(natural_instructions(c)),
@@ -53,6 +60,10 @@ PRESETS = {
         natural_instructions(c), "deepseek-ai/deepseek-llm-7b-base", num_clients=16
     ),
     "fedalt": fedalt,
+    "fedlora-optimizer": lambda c: fedlora_optimizer(natural_instructions(c)),
+    "fedlora-optimizer-llama2-7b": lambda c: fedlora_optimizer(
+        paper_scale_preset(natural_instructions(c), "meta-llama/Llama-2-7b-hf", num_clients=16)
+    ),
 }
 
 
