@@ -358,3 +358,13 @@ def test_loss_matches_hf_on_stories(stories_jax, stories_torch):
         ids = torch.tensor(tokens.astype(np.int64))
         ref = stories_torch(input_ids=ids, labels=ids).loss
     np.testing.assert_allclose(float(total / n), float(ref), rtol=1e-5)
+
+
+def test_convert_loader_gives_the_same_base(stories_dir, stories_jax):
+    """fedlora_jax.model.convert.load_hf_folder gives exactly the base the parity tests use."""
+    convert = pytest.importorskip("fedlora_jax.model.convert")
+    cfg, base = stories_jax
+    cfg2, base2 = convert.load_hf_folder(stories_dir)
+    assert cfg2 == cfg
+    assert jax.tree.structure(base2) == jax.tree.structure(base)
+    jax.tree.map(np.testing.assert_array_equal, base2, base)
