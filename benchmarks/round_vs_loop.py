@@ -4,8 +4,10 @@ calls a jitted single-client update once per client, then aggregates.
     python benchmarks/round_vs_loop.py                       # stories260K, K = 1 4 8
     python benchmarks/round_vs_loop.py --model smollm2-random --seq 32 --clients 1 4
 
-Prints one JSON line per K and a markdown table. Times are wall-clock, steady state = median of
-``--rounds`` rounds after the first; "first" includes tracing + compilation.
+Prints one JSON line per K and a markdown table. Times are wall-clock; "first" includes tracing
+and compilation; steady state = median of ``--rounds`` engine and loop rounds, interleaved so a
+shared machine's load hits both alike. The loop's compiled update is shared across K (one shape
+per client), so only the first K pays its compile.
 """
 
 from __future__ import annotations
@@ -48,40 +50,59 @@ def batches_for(cfg: LlamaConfig, k: int, steps: int, batch: int, seq: int) -> d
     return {"tokens": tokens, "loss_mask": np.ones_like(tokens), "attn_mask": np.ones_like(tokens)}
 
 
-def bench_engine(alg, base, batches, k: int, rounds: int, backend: str) -> tuple[float, float]:
+def engine_round(alg, base, batches, k: int, backend: str):
+    """A closure running one engine round (all K clients sampled); the state lives inside."""
     config = E.EngineConfig(backend=backend, chunk_size=max(1, k // 2))
     state = E.init_state(alg, base, k, seed=0)
     sizes = np.ones(k, np.float32)
-    times = []
-    for _ in range(rounds + 1):
-        start = time.perf_counter()
+
+    def run() -> None:
+        nonlocal state
         state, _ = E.run_round(alg, state, base, batches, sizes, config)
         jax.block_until_ready(state.server_state)
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+
+    return run
 
 
-def bench_loop(alg, base, batches, k: int, rounds: int) -> tuple[float, float]:
+def loop_round(alg, base, batches, k: int):
+    """A closure running one round as a Python loop of jitted single-client updates."""
     phase = alg.phases[0]
     server, clients = alg.init(jax.random.PRNGKey(0), base, k)
     update = jax.jit(phase.client_update)
     aggregate = jax.jit(phase.aggregate)
-    weights = jnp.ones(k)
-    ids = jnp.arange(k)
-    times = []
-    for r in range(rounds + 1):
-        start = time.perf_counter()
+    weights, ids = jnp.ones(k), jnp.arange(k)
+    rows = [({name: v[i] for name, v in batches.items()}, jax.random.PRNGKey(i)) for i in range(k)]
+
+    def run() -> None:
+        nonlocal server
         payload = phase.broadcast(server, ids)
         uploads = []
-        for i in range(k):
+        for i, (b, key) in enumerate(rows):
             row = jax.tree.map(lambda x, i=i: x[i], clients)
-            b = {name: v[i] for name, v in batches.items()}
-            upload, _, _ = update(base, payload, row, b, jax.random.PRNGKey(r * 1000 + i))
-            uploads.append(upload)
+            uploads.append(update(base, payload, row, b, key)[0])
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *uploads)
         server = jax.block_until_ready(aggregate(server, stacked, weights, ids))
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:])
+
+    return run
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench(alg, base, batches, k: int, rounds: int, backend: str) -> dict[str, float]:
+    """First-round times (trace + compile), then ``rounds`` interleaved engine/loop rounds so
+    both see the same machine load; medians."""
+    engine, loop = engine_round(alg, base, batches, k, backend), loop_round(alg, base, batches, k)
+    first = {"engine_first_s": seconds(engine), "loop_first_s": seconds(loop)}
+    e_times, l_times = [], []
+    for _ in range(rounds):
+        e_times.append(seconds(engine))
+        l_times.append(seconds(loop))
+    return {**first, "engine_round_s": statistics.median(e_times),
+            "loop_round_s": statistics.median(l_times)}
 
 
 def main() -> None:
@@ -103,13 +124,11 @@ def main() -> None:
     rows = []
     for k in args.clients:
         batches = batches_for(cfg, k, args.steps, args.batch, args.seq)
-        e_first, e_round = bench_engine(alg, base, batches, k, args.rounds, args.backend)
-        l_first, l_round = bench_loop(alg, base, batches, k, args.rounds)
+        t = bench(alg, base, batches, k, args.rounds, args.backend)
         row = {"model": args.model, "device": jax.devices()[0].device_kind, "clients": k,
                "steps": args.steps, "batch": args.batch, "seq": args.seq,
-               "backend": args.backend, "engine_first_s": round(e_first, 3),
-               "engine_round_s": round(e_round, 4), "loop_first_s": round(l_first, 3),
-               "loop_round_s": round(l_round, 4), "speedup": round(l_round / e_round, 2)}
+               "backend": args.backend, **{name: round(v, 4) for name, v in t.items()},
+               "speedup": round(t["loop_round_s"] / t["engine_round_s"], 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| K | engine first round (s) | engine round (s) | loop first (s) | loop round (s) "
