@@ -14,7 +14,7 @@ every client every round):
   the RoW is all zeros (B0 = 0), so its branch contributes exactly nothing. Under full
   participation this equals the official code: round 1 trains with a zero RoW branch, and every
   later RoW averages the other N-1 clients' latest LoRAs.
-- Every client starts from its own random init (key folded with the client index), as the
+- Every client starts from its own random init (one key per client, split from the run key), as the
   official code's clients each build a fresh PEFT model.
 - No single global model exists: ``models`` returns ``None`` as the global adapters. Personal
   model i = the RoW the server would send client i now + client i's own A1, B1 and G.
