@@ -169,29 +169,31 @@ def test_sync_ajive_aggregate(model, training, by_hand):
 def test_second_round_starts_from_the_shared_moment(model, training, batches):
     """A huge shared second moment must shrink the first steps; round 0 (unsynced) ignores it."""
     _, base = model
-    alg = algorithms.get("fedgalore")(training, rank=RANK)  # default targets: attn q,k,v,o
+    default = algorithms.get("fedgalore")(training, rank=RANK)
+    shapes = jax.eval_shape(lambda: default.init(jax.random.key(0), base, K))[0]["adapters"]
+    assert len(_flat(shapes)) == 5 * 4  # default targets: attn q, k, v, o in every layer
+    alg = _build(training, sync="ajive")
     server, clients = alg.init(jax.random.key(0), base, K)
-    assert len(_flat(server["adapters"])) == 5 * 4
     phase = alg.phases[0]
     row = {k: jnp.asarray(v[0]) for k, v in batches.items()}
     state = jax.tree.map(lambda x: x[0], clients)
     update = jax.jit(phase.client_update)
     tx = make_galore_optimizer(training, RANK, 200, 0.25)
-    alg_loss = jax.jit(
-        lambda b, p, batch: make_loss_fn(training)(b, p, {k: v[0] for k, v in batch.items()}, None)[
-            0
-        ]
-    )
+    loss_fn = make_loss_fn(training)
+
+    def first_loss(b, p, batch):
+        return loss_fn(b, p, jax.tree.map(lambda x: x[0], batch), None)[0]
+
+    # The server's basis = the client's own first projector, so the seed is nu_value exactly.
+    payload0 = phase.broadcast(server, jnp.arange(K))
+    grads = jax.jit(jax.grad(first_loss, argnums=1))(base, payload0["adapters"], row)
+    own = galore.projectors(galore.refresh_projectors(tx.init(payload0["adapters"]), grads))
 
     def delta_norm(nu_value, synced):
-        payload = phase.broadcast(server, jnp.arange(K))
-        # The server's basis = the client's own first projector, so the seed is nu_value exactly.
-        grads = jax.grad(lambda p: alg_loss(base, p, row))(payload["adapters"])
-        own = galore.projectors(galore.refresh_projectors(tx.init(payload["adapters"]), grads))
         payload = {
-            **payload,
+            **payload0,
             "basis": own,
-            "nu": jax.tree.map(lambda v: jnp.full_like(v, nu_value), payload["nu"]),
+            "nu": jax.tree.map(lambda v: jnp.full_like(v, nu_value), payload0["nu"]),
             "synced": jnp.asarray(synced),
         }
         upload, _, metrics = update(base, payload, state, row, jax.random.key(1))
