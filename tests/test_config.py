@@ -16,7 +16,7 @@ NI = str(REPO / "configs" / "natural_instructions.py")
 
 
 @pytest.mark.parametrize("file", [DOLLY, NI])
-@pytest.mark.parametrize("preset", ["default", "smoke", "llama2-7b", "deepseek-7b"])
+@pytest.mark.parametrize("preset", ["default", "smoke", "llama2-7b", "deepseek-7b"])  # + others
 def test_every_preset_loads_and_validates(file: str, preset: str) -> None:
     cfg = load_config(f"{file}:{preset}")
     assert cfg.run.tag == f"{pathlib.Path(file).stem}-{preset}"
@@ -31,8 +31,10 @@ def test_presets_hold_the_documented_settings() -> None:
         "dolly", "dirichlet", 0.5,
     )  # fmt: skip
     assert default.data.num_clients == 4 and default.data.max_seq_len == 256
-    assert default.algorithm.name == "fedit"
-    assert load_config(f"{DOLLY}:smoke").model.spec == "stories260k"
+    assert default.algorithm.name == "fedlora_optimizer"
+    assert config_lib.adapter_kind(default) == "decomposed"
+    smoke = load_config(f"{DOLLY}:smoke")
+    assert (smoke.model.spec, smoke.algorithm.name) == ("stories260k", "fedit")
     paper = load_config(f"{DOLLY}:llama2-7b")
     assert paper.model.spec == "meta-llama/Llama-2-7b-hf"
     assert (paper.model.dtype, paper.adapter.r, paper.adapter.alpha) == ("bfloat16", 8, 16.0)
@@ -111,3 +113,23 @@ def test_run_name_is_derived_unless_given() -> None:
     assert config_lib.run_name(cfg) == "dolly-smoke-fedsa_lora-seed3"
     cfg.run.name = "mine"
     assert config_lib.run_name(cfg) == "mine"
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("fedit", "lora"), ("fedlora_optimizer", "decomposed"), ("fedalt", "mixture"),
+     ("fedgalore", "dense_delta")],
+)  # fmt: skip
+def test_adapter_kind_auto_follows_the_algorithm(name: str, kind: str) -> None:
+    cfg = load_config(f"{DOLLY}:smoke", [f"algorithm.name={name}"])
+    assert cfg.adapter.kind == "auto"
+    assert config_lib.adapter_kind(cfg) == kind
+    cfg.adapter.kind = "lora"
+    assert config_lib.adapter_kind(cfg) == "lora"
+
+
+def test_data_keys_are_checked_by_the_data_module() -> None:
+    with pytest.raises(ValueError, match=r"data.partition='zipf': allowed values are iid, "):
+        load_config(f"{DOLLY}:smoke", ["data.partition=zipf"])
+    cfg = load_config(f"{DOLLY}:smoke", ["data.source=path", "data.fields.response=output"])
+    assert cfg.data.fields.to_dict() == {"response": "output"}
