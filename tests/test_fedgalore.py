@@ -228,3 +228,17 @@ def test_wrong_kind_and_persistent_state_are_rejected(training):
     )
     with pytest.raises(ValueError, match="optimizer_state"):
         algorithms.get("fedgalore")(persistent)
+
+
+def test_footprint_matches_the_uploaded_shapes(training):
+    from fedlora_jax.algorithms.fedgalore import footprint
+
+    fp = footprint(training, rank=RANK, targets=TARGETS)
+    assert fp["delta"] == fp["uplink_none"] == sum(4 * m * n for m, n in DIMS)
+    assert fp["uplink"] == sum(4 * (m * n + RANK * (m + n)) for m, n in DIMS)
+    assert fp["downlink"] == fp["uplink"] + 1
+    # clip state is empty; GaLore: mu, nu (4 bytes) and warm flags (1 byte) per projected entry,
+    # the projectors, and three int32 scalars (two counters + the lr schedule's count).
+    moments = sum(RANK * max(m, n) for m, n in DIMS)
+    projs = sum(RANK * min(m, n) for m, n in DIMS)
+    assert fp["optimizer"] == 9 * moments + 4 * projs + 3 * 4

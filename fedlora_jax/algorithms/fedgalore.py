@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import optax
 
 from fedlora_jax.adapters import init_adapters
-from fedlora_jax.adapters.base import TARGET_PRESETS
+from fedlora_jax.adapters.base import TARGET_PRESETS, AdapterConfig
 from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, register
 from fedlora_jax.algorithms.common import init_client_states, require_kind
 from fedlora_jax.federated.aggregation import fedavg
+from fedlora_jax.federated.comm import tree_nbytes
 from fedlora_jax.federated.local import local_train, make_loss_fn, make_schedule
 from fedlora_jax.optim import ajive, galore
 
@@ -103,6 +104,38 @@ def _check_options(
         )
 
 
+def _adapter_cfg(training: ClientTraining, targets: str) -> AdapterConfig:
+    if targets == "adapter":
+        return training.adapter
+    return dataclasses.replace(training.adapter, targets=targets)
+
+
+def footprint(
+    training: ClientTraining, rank: int | None = None, targets: str = "attn"
+) -> dict[str, int]:
+    """Bytes one client holds and exchanges per round, from shapes only (nothing allocated).
+
+    delta and grad: full-size ΔW of the targets; optimizer: the clip + GaLore-AdamW state;
+    uplink / downlink: with sync on (ΔW + moment + projector; ΔW + server basis + moment + flag);
+    uplink_none: sync="none".
+    """
+    rank = training.adapter.r if rank is None else rank
+    cfg = _adapter_cfg(training, targets)
+    params = jax.eval_shape(lambda: init_adapters(jax.random.key(0), training.model, cfg))
+    state = jax.eval_shape(make_galore_optimizer(training, rank, 200, 0.25).init, params)
+    found = galore.find_state(state)
+    delta = tree_nbytes(params)
+    synced = delta + tree_nbytes(found.nu) + tree_nbytes(found.proj)
+    return {
+        "delta": delta,
+        "grad": delta,
+        "optimizer": tree_nbytes(state),
+        "uplink": synced,
+        "uplink_none": delta,
+        "downlink": synced + 1,
+    }
+
+
 def _check_rank(adapters: PyTree, rank: int) -> None:
     smallest = min(min(x.shape[-2:]) for x in jax.tree.leaves(adapters))
     if rank >= smallest:
@@ -132,11 +165,7 @@ def fedgalore(
     """
     rank = training.adapter.r if rank is None else rank
     _check_options(training, rank, sync, threshold, targets)
-    adapter_cfg = (
-        training.adapter
-        if targets == "adapter"
-        else dataclasses.replace(training.adapter, targets=targets)
-    )
+    adapter_cfg = _adapter_cfg(training, targets)
     _check_rank(
         jax.eval_shape(lambda: init_adapters(jax.random.key(0), training.model, adapter_cfg)), rank
     )
