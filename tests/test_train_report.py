@@ -3,6 +3,7 @@ and the cross-run comparison, checked against hand-computed values."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import struct
@@ -129,3 +130,30 @@ def test_compare_gives_mean_and_std_over_seeds(tmp_path: pathlib.Path) -> None:
         compare(runs, tmp_path / "cmp", group_by="run.nope")
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         compare([tmp_path / "cmp"], tmp_path / "cmp2")
+
+
+def _script_main(name: str):
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_compare_script(tmp_path: pathlib.Path, capsys) -> None:
+    runs = [
+        _fake_run(tmp_path, "a0", "fedit", 0, _report({0: [0.2]}, 1.0)),
+        _fake_run(tmp_path, "a1", "fedit", 1, _report({0: [0.4]}, 1.0)),
+    ]
+    main = _script_main("compare")
+    assert main([*map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    assert "| fedit | 2 | 0.3000 ± 0.1000 |" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "cmp")]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_evaluate_script_errors_are_one_line(tmp_path: pathlib.Path, capsys) -> None:
+    main = _script_main("evaluate")
+    assert main(["--run_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a run directory" in err and "\n" not in err
