@@ -190,7 +190,7 @@ def _concat(sets: list[TokenizedSet]) -> TokenizedSet:
     )
 
 
-def test_sets(data: FederatedData, cap: int) -> list[list[EvalExample]]:
+def client_test_sets(data: FederatedData, cap: int) -> list[list[EvalExample]]:
     """Each client's test split as harness examples; the first ``cap`` rows (0 = all)."""
     out = []
     for client in data.clients:
@@ -303,7 +303,7 @@ def eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[str, Any]:
     """The eval harness's global/local report for the models in ``state``."""
     global_adapters, personal = setup.algorithm.models(state.server_state, state.client_states)
-    tests = test_sets(setup.data, cfg.eval.max_examples_per_client)
+    tests = client_test_sets(setup.data, cfg.eval.max_examples_per_client)
     sizes = setup.data.weights
     return evaluate(
         setup.base, global_adapters, personal, tests,
