@@ -118,7 +118,7 @@ def base_config() -> ConfigDict:
             "rounds": 3,
             "clients_per_round": 0,  # 0 = every client (see also client_fraction)
             "client_fraction": 0.0,  # > 0: sample max(1, round(fraction * N)) per round
-            "local_steps": 4,
+            "local_steps": 2,
             "batch_size": 4,
             "backend": "vmap",
             "chunk_size": 2,  # clients per lax.map step for the chunked backend
