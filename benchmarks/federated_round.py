@@ -185,9 +185,9 @@ def run_jax_cell(spec: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"--device gpu: JAX sees no GPU (platform {platform_!r})")
     cfg = LlamaConfig.from_hf_dict(spec["hf"])
     dtype = jnp.dtype(spec["dtype"])
-    base = weights.nest(
-        (p, jnp.asarray(x, dtype)) for p, x in weights.random_leaves(spec["hf"], spec["seed"])
-    )
+    # cast on the host, so the device never holds a float32 copy of a bfloat16 base
+    leaves = weights.random_leaves(spec["hf"], spec["seed"])
+    base = weights.nest((p, jax.device_put(x.astype(dtype))) for p, x in leaves)
     lora = spec["lora"]
     acfg = AdapterConfig(kind="lora", r=lora["r"], alpha=lora["alpha"], targets=lora["targets"])
     hp = spec["hp"]
@@ -541,7 +541,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "machine": machine(),
         "threads": args.threads or len(os.sched_getaffinity(0)),
         "load_start": [round(x, 2) for x in os.getloadavg()],
-        "command": " ".join(["python", HERE.name, *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            ["python", f"benchmarks/{pathlib.Path(__file__).name}", *(argv or sys.argv[1:])]
+        ),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     rows: list[dict] = []

@@ -139,7 +139,7 @@ def run_round(
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Time 1 + ``spec["rounds"]`` rounds; memory over the steady rounds only."""
-    device = spec["device"]
+    device = "cuda" if spec["device"] == "gpu" else "cpu"
     measure.pin_threads(spec.get("threads"))
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
