@@ -215,6 +215,8 @@ def run(
     ``resume``. ``stop_after_round`` ends this process's work after that round (the run stays
     resumable), e.g. for time-limited jobs."""
     config_lib.validate(cfg)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.adapter.kind = config_lib.adapter_kind(cfg)  # config.json records the kind trained
     run_dir = pathlib.Path(cfg.run.out_dir) / config_lib.run_name(cfg)
     _prepare_run_dir(run_dir, cfg, resume)
     setup = setup or build(cfg, verbose=progress)

@@ -56,7 +56,9 @@ def test_run_dir_has_every_artifact(full_run) -> None:
     assert (d / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert list((d / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["1", "2"]
-    assert json.loads((d / "config.json").read_text())["model"]["spec"] == "stories260k"
+    saved = json.loads((d / "config.json").read_text())
+    assert saved["model"]["spec"] == "stories260k"
+    assert saved["adapter"]["kind"] == "lora"  # "auto" resolved for FedIT
     rows = read_metrics(d)
     assert [r["round"] for r in rows] == [1, 2]
     for key in ("train/loss", "global/rouge_l", "local/rouge_l/mean", "comm/up_bytes"):
