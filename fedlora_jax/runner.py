@@ -255,7 +255,7 @@ def _meta(state: EngineState, history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _one_round(cfg: ConfigDict, setup: Setup, state: EngineState) -> tuple[EngineState, dict]:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     state, metrics = run_round(
         setup.algorithm, state, setup.base, setup.batches, setup.data.weights, setup.engine
     )
@@ -268,6 +268,8 @@ def _one_round(cfg: ConfigDict, setup: Setup, state: EngineState) -> tuple[Engin
         row.update(eval_metrics(report))
         row["time/eval_s"] = time.perf_counter() - t
     row["time/round_s"] = time.perf_counter() - start
+    # CPU seconds of this process (all threads): comparable across loaded and idle machines
+    row["time/round_cpu_s"] = time.process_time() - cpu_start
     return state, row
 
 
