@@ -17,6 +17,7 @@ compute the same round. Writes ``<out>.md`` and ``<out>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -479,10 +480,13 @@ def machine() -> str:
     import jax
 
     dev = jax.devices()[0]
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"JAX {jax.__version__} on {dev.device_kind}"
-    )
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu
+        )
+    return f"{cpu}, {os.cpu_count()} CPUs, JAX {jax.__version__} on {dev.device_kind}"
 
 
 # ----------------------------------------------------------------------------- CLI
