@@ -95,6 +95,7 @@ def base_config() -> ConfigDict:
             "source": "dolly",  # dolly | natural_instructions | path
             "path": "",  # "" = the dataset shipped with the package
             "fields": ConfigDict(),  # column names for source=path, e.g. response="output"
+            "include": "",  # comma-separated groups (NI tasks) / categories to keep; "" = all
             "partition": "dirichlet",
             "alpha": 0.5,
             "num_clients": 4,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gzip
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ from fedlora_jax.data import (
     stack_clients,
     tokenize_examples,
 )
+from fedlora_jax.data.sources import resource_path
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +197,52 @@ def test_prepare_by_task_with_alias(tmp_path, tok, shared_data):
     assert [len(g) for g in groups] == [4, 4, 4, 4] and len(set().union(*groups)) == 16
 
 
+def raw_ni_rows() -> list[dict]:
+    """The shipped NI file read directly, independent of the data module's loader."""
+    path = resource_path("natural_instructions", "ni_v1_16tasks.jsonl.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_include_keeps_exactly_the_listed_tasks_and_categories(tok):
+    keep = ("task045_miscellaneous_sentence_paraphrasing", "verification")
+    fd = prepare_federated_data(
+        {
+            "source": "natural_instructions",
+            "include": f" {keep[0]} ,{keep[1]},",  # spaces and an empty item are ignored
+            "partition": "task",
+            "num_clients": 0,
+            "max_seq_len": 512,
+        },
+        tok,
+        verbose=False,
+    )
+    assert fd.config.include == keep
+    expected = collections.Counter(
+        r["task"] for r in raw_ni_rows() if r["task"] == keep[0] or r["category"] == keep[1]
+    )
+    assert len(expected) == 3 and sum(expected.values()) == 793  # 193 + 2 verification x 300
+    assert collections.Counter(ex.group for ex in fd.examples) == expected
+    # One client per kept task (num_clients=0), holding all of that task's rows.
+    rows = [np.concatenate([c.train_rows, c.test.rows]) for c in fd.clients]
+    held = [collections.Counter(fd.examples[i].group for i in r) for r in rows]
+    assert sorted(held, key=lambda c: min(c)) == [
+        collections.Counter({t: n}) for t, n in sorted(expected.items())
+    ]
+
+
+def test_include_names_unknown_values_in_one_line(tok):
+    cfg = {"source": "natural_instructions", "include": "task999_nope,classification,qa"}
+    with pytest.raises(DataError) as err:
+        prepare_federated_data(cfg, tok, verbose=False)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "data.include: unknown task999_nope, qa; allowed: answer_generation, classification, "
+    )
+    assert message.count("task0") == 16  # every task is listed, with the 6 categories
+
+
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
@@ -206,6 +254,7 @@ def test_prepare_by_task_with_alias(tmp_path, tok, shared_data):
         ({"clients": 4}, "data.clients: unknown key; allowed: alpha"),
         ({"partition": "by_column"}, "set data.fields.group"),
         ({"max_prompt_len": 600}, "data.max_prompt_len=600: must be <= data.max_seq_len=512"),
+        ({"include": 5}, "data.include=5: must be a comma-separated string of names"),
     ],
 )
 def test_config_errors(cfg, message):

@@ -295,6 +295,34 @@ def test_official_preset_mirrors_the_official_run():
     assert adapter_kind(baseline) == "lora"
 
 
+def test_official_preset_gives_8_clients_one_task_each(stories_dir):
+    """The preset's data section, tokenised with stories260K: one shipped NI task per client,
+    8 tasks spanning all 6 categories, 270 training rows each (300 minus 30 held out), so
+    local_steps = 5 epochs x ceil(270 / 8) = 170."""
+    import math
+    import pathlib
+
+    from transformers import AutoTokenizer
+
+    from fedlora_jax.config import load_config
+    from fedlora_jax.data import prepare_federated_data
+
+    ni = pathlib.Path(__file__).resolve().parents[1] / "configs" / "natural_instructions.py"
+    cfg = load_config(f"{ni}:fedalt")
+    fd = prepare_federated_data(
+        cfg.data.to_dict(), AutoTokenizer.from_pretrained(stories_dir), verbose=False
+    )
+    tasks = [
+        {fd.examples[i].group for i in np.concatenate([c.train_rows, c.test.rows])}
+        for c in fd.clients
+    ]
+    assert len(fd.clients) == 8 and all(len(t) == 1 for t in tasks)
+    assert sorted(set().union(*tasks)) == sorted(cfg.data.include.split(","))
+    assert len({ex.category for ex in fd.examples}) == 6
+    assert [c.num_train for c in fd.clients] == [270] * 8
+    assert cfg.federated.local_steps == 5 * math.ceil(270 / cfg.federated.batch_size)
+
+
 def test_state_round_trips_through_a_checkpoint(two_rounds, tmp_path):
     from fedlora_jax.checkpoint import Checkpointer
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedlora_jax.data.partition import ALIASES, PARTITIONS
@@ -17,11 +17,13 @@ from fedlora_jax.data.validate import ON_BAD_ROW
 class DataConfig:
     """Every ``data.*`` key (see docs/data.md). ``path=""`` = the copy shipped in the package;
     ``max_prompt_len=0`` = ``max_seq_len``; ``num_clients=0`` with by_task/by_column = one
-    client per group."""
+    client per group. ``include`` (comma-separated or a sequence; "" = all) keeps only the rows
+    whose group or category is listed, before partitioning; stored as a tuple of names."""
 
     source: str = "dolly"
     path: str = ""
     fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    include: str | Sequence[str] = ""
     partition: str = "dirichlet"
     alpha: float = 0.5
     num_clients: int = 8
@@ -51,6 +53,7 @@ class DataConfig:
                     f"data.{key}={getattr(self, key)!r}: allowed values are {', '.join(allowed)}"
                 )
         object.__setattr__(self, "partition", ALIASES.get(self.partition, self.partition))
+        object.__setattr__(self, "include", _names(self.include))
         minimum = {
             "num_clients": 0,
             "categories_per_client": 1,
@@ -88,3 +91,11 @@ class DataConfig:
         if unknown:
             raise DataError(f"data.{unknown[0]}: unknown key; allowed: {', '.join(sorted(known))}")
         return cls(**raw)
+
+
+def _names(include: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a, b"`` or ``["a", "b"]`` -> ``("a", "b")``: stripped, empty items and repeats dropped."""
+    items = include.split(",") if isinstance(include, str) else include
+    if not isinstance(items, Sequence) or not all(isinstance(x, str) for x in items):
+        raise DataError(f"data.include={include!r}: must be a comma-separated string of names")
+    return tuple(dict.fromkeys(x.strip() for x in items if x.strip()))

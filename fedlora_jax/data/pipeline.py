@@ -1,8 +1,9 @@
 """One entry point: config + tokenizer -> per-client tokenised train sets and test splits.
 
-Order: load and validate -> partition (on the validated rows, so a partition does not move when
-the tokenizer or max_seq_len changes) -> per-client train/test split -> tokenise every needed
-row once -> drop rows that cannot fit (counted). The table describes the partition itself.
+Order: load and validate -> keep the ``data.include`` groups/categories -> partition (on the
+validated rows, so a partition does not move when the tokenizer or max_seq_len changes) ->
+per-client train/test split -> tokenise every needed row once -> drop rows that cannot fit
+(counted). The table describes the partition itself.
 """
 
 from __future__ import annotations
@@ -72,6 +73,24 @@ class FederatedData:
         return [self.examples[int(r)].all_references for r in np.ravel(row_ids) if r >= 0]
 
 
+def _include(names: tuple[str, ...], examples: list[Example]) -> list[Example]:
+    """The rows whose group (NI task, id column) or category is in ``names`` (all when empty).
+
+    Applied before partitioning, so e.g. ``by_task`` over 8 listed NI tasks gives 8 clients.
+    """
+    if not names:
+        return examples
+    allowed = {ex.group for ex in examples if ex.group} | {ex.category for ex in examples}
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        listed = sorted(allowed)
+        more = f", ... ({len(listed) - 40} more)" if len(listed) > 40 else ""
+        raise DataError(
+            f"data.include: unknown {', '.join(unknown)}; allowed: {', '.join(listed[:40])}{more}"
+        )
+    return [ex for ex in examples if ex.group in names or ex.category in names]
+
+
 def _partition(cfg: DataConfig, examples: list[Example]) -> tuple[P.Partition, np.ndarray | None]:
     categories = np.array([ex.category for ex in examples])
     if cfg.partition == "iid":
@@ -120,9 +139,9 @@ def prepare_federated_data(
         dedupe=cfg.dedupe,
         verbose=verbose,
     )
-    examples = loaded.examples
-    if not examples:
+    if not loaded.examples:
         raise DataError(f"{loaded.source}: no valid rows")
+    examples = _include(cfg.include, loaded.examples)
     parts, global_rows = _partition(cfg, examples)
     splits = [
         P.train_test_split(
