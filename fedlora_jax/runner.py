@@ -13,6 +13,7 @@ Run directory: ``config.json`` (resolved config), ``clients.csv`` (client x cate
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import pathlib
 import time
@@ -112,11 +113,16 @@ def engine_config(cfg: ConfigDict) -> EngineConfig:
 
 
 def build_algorithm(cfg: ConfigDict, training: ClientTraining, num_clients: int) -> Algorithm:
-    """``algorithms.get(name)(training, **options)``; a wrong option is a one-line error."""
+    """``algorithms.get(name)(training, **options)``; a wrong option is a one-line error.
+
+    A builder that takes ``rounds`` (FedLoRA-Optimizer's ``local_phase=final``) gets
+    ``federated.rounds`` unless the option is set, so the run length is stated once."""
     builder = algorithms.get(cfg.algorithm.name)
     options = cfg.algorithm.options.to_dict()
     if cfg.algorithm.name == "centralized":  # same examples per round as the federated runs
         options.setdefault("clients_per_round", sampled_per_round(cfg, num_clients))
+    if "rounds" in inspect.signature(builder).parameters:
+        options.setdefault("rounds", cfg.federated.rounds)
     try:
         return builder(training, **options)
     except TypeError as e:
