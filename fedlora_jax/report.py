@@ -36,8 +36,8 @@ ROUND_COLUMNS: tuple[tuple[str, str], ...] = (
     ("local/rouge_l/mean", "local ROUGE-L mean"),
     ("local/rouge_l/worst", "local ROUGE-L worst"),
     ("local/loss/mean", "local loss mean"),
-    ("comm/up_bytes", "up bytes/client"),
-    ("comm/down_bytes", "down bytes/client"),
+    ("comm/up_bytes_per_client", "up bytes/client"),
+    ("comm/down_bytes_per_client", "down bytes/client"),
     ("time/round_s", "round s"),
 )
 PLOTTED = ("train/loss", "global/rouge_l", "local/rouge_l/mean", "global/loss", "local/loss/mean")

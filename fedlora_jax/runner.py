@@ -227,6 +227,8 @@ def run(
     _prepare_run_dir(run_dir, cfg, resume)
     setup = setup or build(cfg, verbose=progress)
     setup.data.table.to_csv(run_dir / CLIENT_TABLE_FILE)
+    if progress:
+        print(f"client x category table ({CLIENT_TABLE_FILE}):\n{setup.data.table.to_text()}")
 
     state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
     history: list[dict[str, Any]] = []
@@ -238,18 +240,20 @@ def run(
         with MetricsLogger(
             run_dir, rounds=rounds, resume_round=state.round, progress=progress, echo=echo
         ) as logger:
+            last_report = None  # the evaluation of the round just trained, if it had one
             while state.round < rounds:
-                state, row = _one_round(cfg, setup, state)
+                state, row, last_report = _one_round(cfg, setup, state)
                 history.append(row)
                 logger.log(state.round, row)
                 every = cfg.checkpoint.every
-                if state.round == rounds or (every and state.round % every == 0):
+                stopping = stop_after_round is not None and state.round >= stop_after_round
+                if state.round == rounds or stopping or (every and state.round % every == 0):
                     ckpt.save(state.round, state, _meta(state, history))
-                if stop_after_round is not None and state.round >= stop_after_round:
+                if stopping:
                     break
     final = None
     if state.round >= rounds:
-        final = _final_eval(cfg, setup, state, run_dir)
+        final = _final_eval(cfg, setup, state, run_dir, last_report)
         write_results(run_dir)
     return RunResult(run_dir, state, history, final)
 
@@ -260,7 +264,9 @@ def _meta(state: EngineState, history: list[dict[str, Any]]) -> dict[str, Any]:
     return {"round": int(state.round), "history": history}
 
 
-def _one_round(cfg: ConfigDict, setup: Setup, state: EngineState) -> tuple[EngineState, dict]:
+def _one_round(
+    cfg: ConfigDict, setup: Setup, state: EngineState
+) -> tuple[EngineState, dict, dict | None]:
     start, cpu_start = time.perf_counter(), time.process_time()
     state, metrics = run_round(
         setup.algorithm, state, setup.base, setup.batches, setup.data.weights, setup.engine
@@ -268,6 +274,7 @@ def _one_round(cfg: ConfigDict, setup: Setup, state: EngineState) -> tuple[Engin
     row = round_metrics(setup.algorithm, metrics)
     row["time/train_s"] = time.perf_counter() - start
     every = cfg.eval.every
+    report = None
     if state.round == cfg.federated.rounds or (every and state.round % every == 0):
         t = time.perf_counter()
         report = evaluate_state(cfg, setup, state)
@@ -276,7 +283,7 @@ def _one_round(cfg: ConfigDict, setup: Setup, state: EngineState) -> tuple[Engin
     row["time/round_s"] = time.perf_counter() - start
     # CPU seconds of this process (all threads): comparable across loaded and idle machines
     row["time/round_cpu_s"] = time.process_time() - cpu_start
-    return state, row
+    return state, row, report
 
 
 def round_metrics(algorithm: Algorithm, metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -325,9 +332,15 @@ def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[st
 
 
 def _final_eval(
-    cfg: ConfigDict, setup: Setup, state: EngineState, run_dir: pathlib.Path
+    cfg: ConfigDict,
+    setup: Setup,
+    state: EngineState,
+    run_dir: pathlib.Path,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    report = evaluate_state(cfg, setup, state)
+    """Write the final report; ``report`` is the last round's evaluation when it had one (so
+    the last round is not evaluated twice), else the state is evaluated now (e.g. on resume)."""
+    report = report if report is not None else evaluate_state(cfg, setup, state)
     report["round"] = int(state.round)
     (run_dir / FINAL_EVAL_FILE).write_text(json.dumps(report, indent=1))
     return report

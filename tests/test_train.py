@@ -93,6 +93,28 @@ def test_stop_and_resume_is_bitwise_identical(setup, full_run, tmp_path: pathlib
     assert resumed.final_eval == full_run.final_eval
 
 
+def test_stop_saves_its_round_and_last_round_is_evaluated_once(
+    setup, tmp_path: pathlib.Path, monkeypatch
+) -> None:
+    """A time-limited stop checkpoints the round it stopped at even when checkpoint.every does
+    not divide it, and the final report reuses the last round's evaluation."""
+    calls: list[int] = []
+    real = runner.evaluate_state
+
+    def counting(cfg, setup_, state):
+        calls.append(int(state.round))
+        return real(cfg, setup_, state)
+
+    monkeypatch.setattr(runner, "evaluate_state", counting)
+    cfg = _cfg(tmp_path, "checkpoint.every=0", "eval.every=0")
+    first = runner.run(cfg, setup=setup, progress=False, stop_after_round=1)
+    assert sorted(p.name for p in (first.run_dir / "checkpoints").iterdir()) == ["1"]
+    assert calls == []
+    done = runner.run(cfg, setup=setup, progress=False, resume=True)
+    assert calls == [2]  # once, in round 2; the final report reuses it
+    assert done.final_eval["round"] == 2
+
+
 def test_user_mistakes_are_config_errors(setup, full_run, tmp_path: pathlib.Path) -> None:
     out = full_run.run_dir.parent
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):

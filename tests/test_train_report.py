@@ -91,9 +91,10 @@ def _fake_run(
         "run": {"seed": seed},
     }
     (run / "config.json").write_text(json.dumps(cfg))
+    up = "comm/up_bytes_per_client"
     rows = [
-        {"round": 1, "train/loss": 2.0 + seed, "global/rouge_l": 0.1, "comm/up_bytes": 10},
-        {"round": 2, "train/loss": 1.0 + seed, "global/rouge_l": 0.2, "comm/up_bytes": 10},
+        {"round": 1, "train/loss": 2.0 + seed, "global/rouge_l": 0.1, up: 10},
+        {"round": 2, "train/loss": 1.0 + seed, "global/rouge_l": 0.2, up: 10},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "final_eval.json").write_text(json.dumps(final))
