@@ -161,6 +161,8 @@ def test_train_test_split():
     assert np.array_equal(test, again[1])
     other = train_test_split(rows, test_fraction=0.1, test_cap=50, seed=0, client_id=4)
     assert not np.array_equal(test, other[1])
+    uncapped = train_test_split(rows, test_fraction=0.1, test_cap=0, seed=0, client_id=3)
+    assert len(uncapped[1]) == 100  # test_cap=0 means no cap
     small = train_test_split(np.arange(12), test_fraction=0.1, test_cap=50, seed=0, client_id=0)
     assert (len(small[0]), len(small[1])) == (11, 1)
     assert [

@@ -184,7 +184,8 @@ def shepherd(source_lines: np.ndarray) -> tuple[Partition, np.ndarray]:
 def train_test_split(
     rows: np.ndarray, *, test_fraction: float, test_cap: int, seed: int, client_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded per-client split: ``min(test_cap, round(test_fraction * n))`` test rows.
+    """A seeded per-client split: ``min(test_cap, round(test_fraction * n))`` test rows
+    (``test_cap = 0``: no cap).
 
     At least one test row when the fraction is positive and the client has two rows or more;
     the train part is never empty. Both parts are sorted.
@@ -192,7 +193,9 @@ def train_test_split(
     if not 0 <= test_fraction < 1:
         raise DataError(f"data.test_fraction={test_fraction}: must be in [0, 1)")
     n = len(rows)
-    n_test = min(test_cap, int(round(test_fraction * n)))
+    n_test = int(round(test_fraction * n))
+    if test_cap > 0:
+        n_test = min(test_cap, n_test)
     if test_fraction > 0 and n >= 2:
         n_test = max(1, n_test)
     n_test = min(n_test, n - 1) if n else 0
