@@ -29,8 +29,15 @@ from fedlora_jax.model.config import LlamaConfig
 
 STORIES = pathlib.Path(__file__).resolve().parents[2] / "shared/data/models/stories260K"
 SMOLLM2 = LlamaConfig(  # SmolLM2-135M's shape (random weights; the real GGUF needs a download)
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-    num_kv_heads=3, head_dim=64, tie_word_embeddings=True, rope_theta=100000.0,
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
 )
 
 
@@ -101,8 +108,11 @@ def bench(alg, base, batches, k: int, rounds: int, backend: str) -> dict[str, fl
     for _ in range(rounds):
         e_times.append(seconds(engine))
         l_times.append(seconds(loop))
-    return {**first, "engine_round_s": statistics.median(e_times),
-            "loop_round_s": statistics.median(l_times)}
+    return {
+        **first,
+        "engine_round_s": statistics.median(e_times),
+        "loop_round_s": statistics.median(l_times),
+    }
 
 
 def main() -> None:
@@ -125,17 +135,28 @@ def main() -> None:
     for k in args.clients:
         batches = batches_for(cfg, k, args.steps, args.batch, args.seq)
         t = bench(alg, base, batches, k, args.rounds, args.backend)
-        row = {"model": args.model, "device": jax.devices()[0].device_kind, "clients": k,
-               "steps": args.steps, "batch": args.batch, "seq": args.seq,
-               "backend": args.backend, **{name: round(v, 4) for name, v in t.items()},
-               "speedup": round(t["loop_round_s"] / t["engine_round_s"], 2)}
+        row = {
+            "model": args.model,
+            "device": jax.devices()[0].device_kind,
+            "clients": k,
+            "steps": args.steps,
+            "batch": args.batch,
+            "seq": args.seq,
+            "backend": args.backend,
+            **{name: round(v, 4) for name, v in t.items()},
+            "speedup": round(t["loop_round_s"] / t["engine_round_s"], 2),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| K | engine first round (s) | engine round (s) | loop first (s) | loop round (s) "
-          "| loop / engine |\n|---|---|---|---|---|---|")
+    print(
+        "\n| K | engine first round (s) | engine round (s) | loop first (s) | loop round (s) "
+        "| loop / engine |\n|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['clients']} | {r['engine_first_s']} | {r['engine_round_s']} | "
-              f"{r['loop_first_s']} | {r['loop_round_s']} | {r['speedup']} |")
+        print(
+            f"| {r['clients']} | {r['engine_first_s']} | {r['engine_round_s']} | "
+            f"{r['loop_first_s']} | {r['loop_round_s']} | {r['speedup']} |"
+        )
 
 
 if __name__ == "__main__":

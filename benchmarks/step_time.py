@@ -27,9 +27,17 @@ from fedlora_jax.model.loss import lm_loss
 
 def smollm2_shape(layers: int) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers,
-        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-        tie_word_embeddings=True, max_position_embeddings=8192,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=layers,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
     )
 
 
@@ -104,8 +112,10 @@ def main() -> None:
     tokens = tokens.astype(np.int32)
     jx = bench_jax(cfg, tokens, args.steps)
     pt = {} if args.skip_torch else bench_torch(cfg, tokens, args.steps)
-    print(f"fwd+bwd, batch {args.batch}x{args.seq}, {args.layers} layers, fp32, "
-          f"{jax.devices()[0].platform}, median of {args.steps}")
+    print(
+        f"fwd+bwd, batch {args.batch}x{args.seq}, {args.layers} layers, fp32, "
+        f"{jax.devices()[0].platform}, median of {args.steps}"
+    )
     print(f"{'step':<6}{'jax compile s':>15}{'jax step s':>12}{'torch step s':>14}")
     for name, (compile_s, steady) in jx.items():
         torch_s = f"{pt[name]:14.2f}" if name in pt else f"{'-':>14}"

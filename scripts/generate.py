@@ -27,8 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling key")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="weights and compute dtype")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights and compute dtype",
+    )
     return p.parse_args(argv)
 
 
@@ -68,10 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
         tokens, mask = left_pad(encode(tok, args.prompt, args.chat), pad_id=pad)
         new, lengths = generate(
-            model.base, adapters, tokens, mask, cfg=model.cfg, adapter_cfg=adapter_cfg,
-            max_new_tokens=args.max_new_tokens, eos_ids=sorted(eos),
-            temperature=args.temperature, top_p=args.top_p, key=jax.random.PRNGKey(args.seed),
-            compute_dtype=jnp.dtype(args.dtype), pad_id=pad,
+            model.base,
+            adapters,
+            tokens,
+            mask,
+            cfg=model.cfg,
+            adapter_cfg=adapter_cfg,
+            max_new_tokens=args.max_new_tokens,
+            eos_ids=sorted(eos),
+            temperature=args.temperature,
+            top_p=args.top_p,
+            key=jax.random.PRNGKey(args.seed),
+            compute_dtype=jnp.dtype(args.dtype),
+            pad_id=pad,
         )
     except (ValueError, FileNotFoundError) as e:  # ModelLoadError and config errors included
         print(f"error: {e}", file=sys.stderr)

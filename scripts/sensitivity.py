@@ -56,8 +56,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
     p.add_argument("--model", help="model spec (alias, folder, hub id); default from the preset")
-    p.add_argument("--categories", default=DEFAULT_CATEGORIES,
-                   help="comma-separated Dolly categories (>= 2), one task each")
+    p.add_argument(
+        "--categories",
+        default=DEFAULT_CATEGORIES,
+        help="comma-separated Dolly categories (>= 2), one task each",
+    )
     p.add_argument("--steps", type=int, help="training steps per task")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-seq-len", type=int)
@@ -103,27 +106,50 @@ def train_tasks(args: argparse.Namespace, categories: list[str]) -> tuple[list, 
     """One decomposed adapter per task from the shared init (tasks vmapped in one jit)."""
     dtype = jnp.dtype(args.dtype)
     resolved = resolve_model(args.model, dtype=dtype)
-    adapter = AdapterConfig(kind="decomposed", r=args.r, alpha=args.alpha, dropout=0.0,
-                            targets=args.targets, norm_axis=args.norm_axis)
-    training = ClientTraining(model=resolved.cfg, adapter=adapter, local_steps=args.steps,
-                              lr=args.lr, compute_dtype=args.dtype, remat=args.dtype != "float32")
-    batches = task_batches(load_dolly(verbose=False).examples, categories,
-                           resolved.tokenizer, args)
+    adapter = AdapterConfig(
+        kind="decomposed",
+        r=args.r,
+        alpha=args.alpha,
+        dropout=0.0,
+        targets=args.targets,
+        norm_axis=args.norm_axis,
+    )
+    training = ClientTraining(
+        model=resolved.cfg,
+        adapter=adapter,
+        local_steps=args.steps,
+        lr=args.lr,
+        compute_dtype=args.dtype,
+        remat=args.dtype != "float32",
+    )
+    batches = task_batches(load_dolly(verbose=False).examples, categories, resolved.tokenizer, args)
     init = init_adapters(jax.random.PRNGKey(args.seed), resolved.cfg, adapter)
     labels = label_all("global")  # every component trains, as in the paper's study
     tx = make_optimizer(training, labels, args.steps)
     loss_fn = make_loss_fn(training)
 
     def train(task_batches: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
-        params, _, metrics = local_train(loss_fn, resolved.base, init, tx, tx.init(init),
-                                         task_batches, jax.random.PRNGKey(args.seed), labels)
+        params, _, metrics = local_train(
+            loss_fn,
+            resolved.base,
+            init,
+            tx,
+            tx.init(init),
+            task_batches,
+            jax.random.PRNGKey(args.seed),
+            labels,
+        )
         return params, metrics
 
     trained, metrics = jax.jit(jax.vmap(train))(batches)
-    trees = [jax.tree.map(lambda x, i=i: np.asarray(x[i], np.float32), trained)
-             for i in range(len(categories))]
-    losses = {c: (float(metrics["loss_first"][i]), float(metrics["loss_last"][i]))
-              for i, c in enumerate(categories)}
+    trees = [
+        jax.tree.map(lambda x, i=i: np.asarray(x[i], np.float32), trained)
+        for i in range(len(categories))
+    ]
+    losses = {
+        c: (float(metrics["loss_first"][i]), float(metrics["loss_last"][i]))
+        for i, c in enumerate(categories)
+    }
     return trees, losses, resolved.source
 
 
@@ -134,7 +160,8 @@ def write_outputs(out: pathlib.Path, rows: list[dict], summary: dict, meta: dict
         writer.writeheader()
         writer.writerows(rows)
     (out / "sensitivity.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "modules": rows}, indent=1))
+        json.dumps({"meta": meta, "summary": summary, "modules": rows}, indent=1)
+    )
     lines = [
         f"# Sensitivity of decomposed LoRA components across tasks ({meta['model']})", "",
         f"Tasks: {', '.join(meta['categories'])}; {meta['steps']} steps x batch "
@@ -161,13 +188,18 @@ def plot(path: pathlib.Path, rows: list[dict], summary: dict, meta: dict) -> Non
     import matplotlib.pyplot as plt
 
     layers = sorted({r["layer"] for r in rows})
-    per_layer = {k: [np.mean([r[k] for r in rows if r["layer"] == i]) for i in layers]
-                 for k in METRICS}
+    per_layer = {
+        k: [np.mean([r[k] for r in rows if r["layer"] == i]) for i in layers] for k in METRICS
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (a, b, title, ratio) in zip(axes, (
-        ("dir_A", "dir_B", "direction change (1 - cos)", "dir_A/dir_B"),
-        ("mag_A", "mag_B", "magnitude change |Δm|", "mag_B/mag_A"),
-    ), strict=True):
+    for ax, (a, b, title, ratio) in zip(
+        axes,
+        (
+            ("dir_A", "dir_B", "direction change (1 - cos)", "dir_A/dir_B"),
+            ("mag_A", "mag_B", "magnitude change |Δm|", "mag_B/mag_A"),
+        ),
+        strict=True,
+    ):
         ax.plot(layers, per_layer[a], "o-", label="A")
         ax.plot(layers, per_layer[b], "s-", label="B")
         ax.set_title(f"{title}\n{ratio} = {summary[ratio]:.2f} (paper {PAPER_RATIOS[ratio]})")
@@ -184,8 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if len(categories) < 2:
-        print(f"error: --categories needs >= 2 categories, got {args.categories!r}",
-              file=sys.stderr)
+        print(
+            f"error: --categories needs >= 2 categories, got {args.categories!r}", file=sys.stderr
+        )
         return 2
     start = time.perf_counter()
     try:
@@ -194,13 +227,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows, summary = tree_sensitivity(trees, args.norm_axis)
-    meta = {**{k: v for k, v in vars(args).items() if k != "out"}, "categories": categories,
-            "model_source": source, "losses_first_last": losses,
-            "seconds": round(time.perf_counter() - start, 1)}
+    meta = {
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "categories": categories,
+        "model_source": source,
+        "losses_first_last": losses,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     write_outputs(pathlib.Path(args.out), rows, summary, meta)
-    print(f"{args.model}: dir_A/dir_B = {summary['dir_A/dir_B']:.2f} (paper 1.7), "
-          f"mag_B/mag_A = {summary['mag_B/mag_A']:.2f} (paper 41); losses {losses}; "
-          f"{meta['seconds']} s -> {args.out}")
+    print(
+        f"{args.model}: dir_A/dir_B = {summary['dir_A/dir_B']:.2f} (paper 1.7), "
+        f"mag_B/mag_A = {summary['mag_B/mag_A']:.2f} (paper 41); losses {losses}; "
+        f"{meta['seconds']} s -> {args.out}"
+    )
     return 0
 
 

@@ -121,16 +121,23 @@ def test_dropout_is_inverted_and_keyed() -> None:
 def test_decomposed_hand_worked_row_and_col() -> None:
     # Row-wise: rows of A_D have norms 5 and 2 -> unit rows [.6 .8], [0 1]; times A_M = [2, 3].
     row = AdapterConfig(kind="decomposed", r=2, norm_eps=1e-12)
-    leaf = {"A_M": jnp.array([2.0, 3.0]), "A_D": jnp.array([[3.0, 4.0], [0.0, 2.0]]),
-            "B_M": jnp.array([1.0, 0.5, 2.0]),
-            "B_D": jnp.array([[0.0, 7.0], [6.0, 8.0], [1.0, 0.0]])}
+    leaf = {
+        "A_M": jnp.array([2.0, 3.0]),
+        "A_D": jnp.array([[3.0, 4.0], [0.0, 2.0]]),
+        "B_M": jnp.array([1.0, 0.5, 2.0]),
+        "B_D": jnp.array([[0.0, 7.0], [6.0, 8.0], [1.0, 0.0]]),
+    }
     A, B = recompose(leaf, row)
     np.testing.assert_allclose(A, [[1.2, 1.6], [0.0, 3.0]], atol=1e-6)
     np.testing.assert_allclose(B, [[0.0, 1.0], [0.3, 0.4], [2.0, 0.0]], atol=1e-6)
     # Column-wise: columns of A_D have norms 5 and 1 -> [.6 .8]^T, [0 1]^T; times A_M = [2, 3].
     col = AdapterConfig(kind="decomposed", r=2, norm_eps=1e-12, norm_axis="col")
-    leaf = {"A_M": jnp.array([2.0, 3.0]), "A_D": jnp.array([[3.0, 0.0], [4.0, 1.0]]),
-            "B_M": jnp.array([10.0, 1.0]), "B_D": jnp.array([[0.0, 3.0], [2.0, 4.0], [0.0, 0.0]])}
+    leaf = {
+        "A_M": jnp.array([2.0, 3.0]),
+        "A_D": jnp.array([[3.0, 0.0], [4.0, 1.0]]),
+        "B_M": jnp.array([10.0, 1.0]),
+        "B_D": jnp.array([[0.0, 3.0], [2.0, 4.0], [0.0, 0.0]]),
+    }
     A, B = recompose(leaf, col)
     np.testing.assert_allclose(A, [[1.2, 0.0], [1.6, 3.0]], atol=1e-6)
     np.testing.assert_allclose(B, [[0.0, 0.6], [10.0, 0.8], [0.0, 0.0]], atol=1e-6)
@@ -219,8 +226,9 @@ def test_mixture_row_contributes_exactly_zero_in_round_one() -> None:
     x = _rand(6, IN)
     g = np.asarray(mixer_weights(leaf, x))
     individual = 2.0 * np.asarray(x) @ np.asarray(leaf["A1"]).T @ np.asarray(leaf["B1"]).T
-    np.testing.assert_allclose(kind.apply(leaf, x, cfg, None), g[:, 1:] * individual,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        kind.apply(leaf, x, cfg, None), g[:, 1:] * individual, rtol=1e-5, atol=1e-6
+    )
     grads = jax.grad(lambda p: jnp.sum(kind.apply(p, x, cfg, None) ** 2))(leaf)
     assert not np.any(grads["A0"]) and not np.any(grads["B0"])
     assert np.any(grads["G"]) and np.any(grads["A1"])
@@ -235,8 +243,9 @@ def test_mixture_branches_share_one_dropout_sample() -> None:
     x, key = _rand(20, IN), jax.random.key(7)
     lora_cfg = AdapterConfig(r=R, dropout=0.5)
     want = get_kind("lora").apply({"A": A, "B": B}, x, lora_cfg, key)
-    np.testing.assert_allclose(get_kind("mixture").apply(leaf, x, cfg, key), want,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        get_kind("mixture").apply(leaf, x, cfg, key), want, rtol=1e-5, atol=1e-5
+    )
     other = get_kind("lora").apply({"A": A, "B": B}, x, lora_cfg, jax.random.key(8))
     assert not np.allclose(other, want)
 
@@ -260,8 +269,12 @@ def test_dense_delta() -> None:
     assert leaf["dW"].shape == (IN, OUT) and not np.any(leaf["dW"])
     leaf = {"dW": _rand(IN, OUT)}
     x = _rand(3, IN)
-    np.testing.assert_allclose(kind.apply(leaf, x, cfg, jax.random.key(0)),
-                               np.asarray(x) @ np.asarray(leaf["dW"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        kind.apply(leaf, x, cfg, jax.random.key(0)),
+        np.asarray(x) @ np.asarray(leaf["dW"]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert kind.delta_weight(leaf, cfg) is leaf["dW"]
 
 
@@ -272,13 +285,25 @@ def test_target_presets_select_hand_listed_paths() -> None:
     def sel(targets: str) -> list[str]:
         return select_targets(2, AdapterConfig(targets=targets))
 
-    assert sel("qv") == ["layers.0.attn.q_proj", "layers.0.attn.v_proj",
-                         "layers.1.attn.q_proj", "layers.1.attn.v_proj"]
+    assert sel("qv") == [
+        "layers.0.attn.q_proj",
+        "layers.0.attn.v_proj",
+        "layers.1.attn.q_proj",
+        "layers.1.attn.v_proj",
+    ]
     assert sel("attn") == [f"layers.{i}.attn.{m}_proj" for i in (0, 1) for m in "qkvo"]
     assert sel("all-linear") == [
-        f"layers.{i}.{m}" for i in (0, 1)
-        for m in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        f"layers.{i}.{m}"
+        for i in (0, 1)
+        for m in (
+            "attn.q_proj",
+            "attn.k_proj",
+            "attn.v_proj",
+            "attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
     ]
     assert sel(r"layers\.1\.mlp\.down_proj") == ["layers.1.mlp.down_proj"]
     with pytest.raises(ValueError, match="adapter.targets='nothing'"):
@@ -287,11 +312,13 @@ def test_target_presets_select_hand_listed_paths() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"kind": "lorax"}, "adapter.kind='lorax' is not known; allowed: decomposed, dense_delta"),
-     ({"norm_axis": "diag"}, "adapter.norm_axis='diag' is not allowed; allowed: row, col"),
-     ({"init": "zeros"}, "adapter.init='zeros' is not allowed; allowed: default, paper_literal"),
-     ({"r": 0}, "adapter.r=0"),
-     ({"dropout": 1.0}, "adapter.dropout=1.0")],
+    [
+        ({"kind": "lorax"}, "adapter.kind='lorax' is not known; allowed: decomposed, dense_delta"),
+        ({"norm_axis": "diag"}, "adapter.norm_axis='diag' is not allowed; allowed: row, col"),
+        ({"init": "zeros"}, "adapter.init='zeros' is not allowed; allowed: default, paper_literal"),
+        ({"r": 0}, "adapter.r=0"),
+        ({"dropout": 1.0}, "adapter.dropout=1.0"),
+    ],
 )
 def test_bad_config_names_key_and_allowed(model_cfg: LlamaConfig, kwargs, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("[", r"\[")):
@@ -305,8 +332,9 @@ def test_init_adapters_is_deterministic_per_path(model_cfg: LlamaConfig) -> None
     assert leaf_paths(qv) == select_targets(model_cfg.num_layers, AdapterConfig(targets="qv"))
     for path in leaf_paths(qv):
         i, _, m = path.split(".")[1:]
-        np.testing.assert_array_equal(qv["layers"][i]["attn"][m]["A"],
-                                      every["layers"][i]["attn"][m]["A"])
+        np.testing.assert_array_equal(
+            qv["layers"][i]["attn"][m]["A"], every["layers"][i]["attn"][m]["A"]
+        )
     a = [np.asarray(every["layers"]["0"]["attn"][m]["A"]) for m in ("q_proj", "o_proj")]
     assert not np.allclose(a[0], a[1])  # different modules, different draws
     again = init_adapters(key, model_cfg, AdapterConfig(targets="all-linear"))
@@ -318,8 +346,11 @@ def test_count_params_hand_computed(model_cfg: LlamaConfig) -> None:
     q, v = 8 * 64 + 64 * 8, 8 * 64 + 32 * 8
     tree = init_adapters(jax.random.key(0), model_cfg, AdapterConfig(targets="qv"))
     assert count_params(tree) == 5 * (q + v)
-    dense = init_adapters(jax.random.key(0), model_cfg,
-                          AdapterConfig(kind="dense_delta", targets=r"layers\.0\.mlp\.down_proj"))
+    dense = init_adapters(
+        jax.random.key(0),
+        model_cfg,
+        AdapterConfig(kind="dense_delta", targets=r"layers\.0\.mlp\.down_proj"),
+    )
     assert count_params(dense) == 172 * 64
 
 
@@ -340,8 +371,9 @@ def test_merge_into_base_adds_delta_at_layer(model_cfg: LlamaConfig) -> None:
                 np.testing.assert_allclose(W[i], want, rtol=1e-5, atol=1e-6)
             else:
                 np.testing.assert_array_equal(W[i], W0[i])
-    np.testing.assert_array_equal(merged["layers"]["attn"]["q_proj"],
-                                  base["layers"]["attn"]["q_proj"])
+    np.testing.assert_array_equal(
+        merged["layers"]["attn"]["q_proj"], base["layers"]["attn"]["q_proj"]
+    )
     assert merged["embed"] is base["embed"]
     assert base["layers"]["attn"]["v_proj"] is not merged["layers"]["attn"]["v_proj"]  # not mutated
 
@@ -363,8 +395,15 @@ def test_label_tree_routes_optax_partition(model_cfg: LlamaConfig) -> None:
     cfg = AdapterConfig(kind="decomposed", targets=r"layers\.0\.attn\.q_proj")
     tree = init_adapters(jax.random.key(0), model_cfg, cfg)
     labels = label_tree(tree, {"A_M": "global", "A_D": "global", "B_D": "global", "B_M": "local"})
-    assert labels == {"layers": {"0": {"attn": {"q_proj": {
-        "A_M": "global", "A_D": "global", "B_D": "global", "B_M": "local"}}}}}
+    assert labels == {
+        "layers": {
+            "0": {
+                "attn": {
+                    "q_proj": {"A_M": "global", "A_D": "global", "B_D": "global", "B_M": "local"}
+                }
+            }
+        }
+    }
     opt = optax.partition({"global": optax.set_to_zero(), "local": optax.sgd(1.0)}, labels)
     grads = jax.tree.map(jnp.ones_like, tree)
     updates, _ = opt.update(grads, opt.init(tree), tree)

@@ -42,8 +42,14 @@ def tokens() -> tuple[np.ndarray, np.ndarray]:
 def _ours(loaded, tokens, adapters, adapter_cfg, base=None) -> np.ndarray:
     cfg, base0 = loaded
     toks, mask = tokens
-    logits = _forward(base0 if base is None else base, adapters, toks, mask, cfg=cfg,
-                      adapter_cfg=adapter_cfg if adapters else None)
+    logits = _forward(
+        base0 if base is None else base,
+        adapters,
+        toks,
+        mask,
+        cfg=cfg,
+        adapter_cfg=adapter_cfg if adapters else None,
+    )
     return np.asarray(logits)
 
 
@@ -54,8 +60,9 @@ def _hf(stories_dir) -> LlamaForCausalLM:
 def _torch_logits(model, tokens) -> np.ndarray:
     toks, mask = tokens
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(toks).long(),
-                    attention_mask=torch.from_numpy(mask).long())
+        out = model(
+            input_ids=torch.from_numpy(toks).long(), attention_mask=torch.from_numpy(mask).long()
+        )
     return out.logits.numpy()
 
 
@@ -99,8 +106,11 @@ def test_lora_forward_matches_peft(loaded, tokens, lora_tree, stories_dir) -> No
 
 def test_lora_merge_equals_adapter_forward(loaded, tokens, lora_tree) -> None:
     merged = merge_into_base(loaded[1], lora_tree, LORA)
-    _close(_ours(loaded, tokens, None, None, base=merged),
-           _ours(loaded, tokens, lora_tree, LORA), tokens[1])
+    _close(
+        _ours(loaded, tokens, None, None, base=merged),
+        _ours(loaded, tokens, lora_tree, LORA),
+        tokens[1],
+    )
 
 
 def test_lora_export_loads_in_peft(loaded, tokens, lora_tree, stories_dir, tmp_path) -> None:
@@ -125,8 +135,9 @@ def test_load_peft_saved_by_peft(loaded, tokens, stories_dir, tmp_path) -> None:
 
 def test_decomposed_zero_b_m_gives_exact_base_logits(loaded, tokens) -> None:
     tree = init_adapters(jax.random.key(3), loaded[0], DECOMPOSED)
-    np.testing.assert_array_equal(_ours(loaded, tokens, tree, DECOMPOSED),
-                                  _ours(loaded, tokens, None, None))
+    np.testing.assert_array_equal(
+        _ours(loaded, tokens, tree, DECOMPOSED), _ours(loaded, tokens, None, None)
+    )
 
 
 def test_decomposed_export_and_merge(loaded, tokens, stories_dir, tmp_path) -> None:
@@ -143,8 +154,9 @@ def test_decomposed_export_and_merge(loaded, tokens, stories_dir, tmp_path) -> N
 def test_mixture_init_leaves_model_unchanged(loaded, tokens) -> None:
     cfg = AdapterConfig(kind="mixture", r=4, targets="qv")
     tree = init_adapters(jax.random.key(5), loaded[0], cfg)
-    np.testing.assert_array_equal(_ours(loaded, tokens, tree, cfg),
-                                  _ours(loaded, tokens, None, None))
+    np.testing.assert_array_equal(
+        _ours(loaded, tokens, tree, cfg), _ours(loaded, tokens, None, None)
+    )
 
 
 def test_dense_delta_merge_equals_forward(loaded, tokens) -> None:

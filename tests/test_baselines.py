@@ -129,13 +129,19 @@ def test_uploads_hold_adapter_leaves_only(name, training, model):
     server, clients = alg.init(jax.random.PRNGKey(0), model[1], N)
     upload = upload_shape(alg, model[1], server, clients)
     adapters = init_adapters(jax.random.PRNGKey(0), training.model, training.adapter)
-    shapes = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(
-        adapters)}
+    shapes = {
+        jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(adapters)
+    }
     for path, leaf in jax.tree_util.tree_leaves_with_path(upload):
         key = jax.tree_util.keystr(path)
         assert key in shapes and leaf.shape == shapes[key], key
-    expected_keys = {"fedit": {"A", "B"}, "ffa_lora": {"B"}, "fedsa_lora": {"A"},
-                     "local_only": set(), "centralized": {"A", "B"}}[name]
+    expected_keys = {
+        "fedit": {"A", "B"},
+        "ffa_lora": {"B"},
+        "fedsa_lora": {"A"},
+        "local_only": set(),
+        "centralized": {"A", "B"},
+    }[name]
     assert {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(upload)} == expected_keys
 
 
@@ -174,8 +180,9 @@ def test_fedsa_lora_round_keeps_B_local(rounds):
     B = np.asarray(q["B"])
     assert np.abs(B[ids[0]] - B[ids[1]]).max() > 0  # each sampled client has its own B
     unsampled = sorted(set(range(N)) - set(ids))
-    np.testing.assert_array_equal(B[unsampled], np.asarray(
-        clients0["B"]["layers"]["1"]["attn"]["v_proj"]["B"])[unsampled])
+    np.testing.assert_array_equal(
+        B[unsampled], np.asarray(clients0["B"]["layers"]["1"]["attn"]["v_proj"]["B"])[unsampled]
+    )
     a_bytes = (2 * 64 + 2 * 64) * 2 * 4
     assert metrics["comm/up_bytes_per_client"] == a_bytes == metrics["comm/down_bytes_per_client"]
 

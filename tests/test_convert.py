@@ -27,24 +27,52 @@ from fedlora_jax.model.convert import (
 )
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TINY = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=4, rope_theta=500.0,
-                   tie_word_embeddings=False, max_position_embeddings=64)
-LINEARS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+TINY = LlamaConfig(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=24,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=4,
+    rope_theta=500.0,
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
+)
+LINEARS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 def hf_tensors(cfg: LlamaConfig, dtype: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights under HF names, in HF (out, in) layout."""
     rng = np.random.default_rng(seed)
-    d, f, q, kv = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim,
-                   cfg.num_kv_heads * cfg.head_dim)
+    d, f, q, kv = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    )
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    per = {"input_layernorm": (d,), "post_attention_layernorm": (d,), "q_proj": (q, d),
-           "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q), "gate_proj": (f, d),
-           "up_proj": (f, d), "down_proj": (d, f)}
+    per = {
+        "input_layernorm": (d,),
+        "post_attention_layernorm": (d,),
+        "q_proj": (q, d),
+        "k_proj": (kv, d),
+        "v_proj": (kv, d),
+        "o_proj": (d, q),
+        "gate_proj": (f, d),
+        "up_proj": (f, d),
+        "down_proj": (d, f),
+    }
     for i in range(cfg.num_layers):
         for m, shape in per.items():
             shapes[f"model.layers.{i}.{LINEARS[m] + '.' if m in LINEARS else ''}{m}.weight"] = shape
@@ -53,8 +81,10 @@ def hf_tensors(cfg: LlamaConfig, dtype: np.dtype, seed: int = 0) -> dict[str, np
 
 def hf_view(cfg: LlamaConfig, base) -> dict[str, np.ndarray]:
     """Our base pytree rendered under HF names/layout, written from docs/internals.md."""
-    out = {"model.embed_tokens.weight": np.asarray(base["embed"]),
-           "model.norm.weight": np.asarray(base["norm"])}
+    out = {
+        "model.embed_tokens.weight": np.asarray(base["embed"]),
+        "model.norm.weight": np.asarray(base["norm"]),
+    }
     if "lm_head" in base:
         out["lm_head.weight"] = np.asarray(base["lm_head"]).T
     lay = base["layers"]
@@ -119,8 +149,10 @@ def test_stories_round_trip_is_bitwise(stories, stories_dir: Path, tmp_path: Pat
     cfg, base = stories
     save_hf_folder(cfg, base, tmp_path)
     # the written file, read by safetensors itself, holds exactly the original tensors
-    assert_bitwise(load_file(str(tmp_path / "model.safetensors")),
-                   load_file(str(stories_dir / "model.safetensors")))
+    assert_bitwise(
+        load_file(str(tmp_path / "model.safetensors")),
+        load_file(str(stories_dir / "model.safetensors")),
+    )
     cfg2, base2 = load_hf_folder(tmp_path)
     assert cfg2 == cfg
     assert_bitwise(hf_view(cfg2, base2), hf_view(cfg, base))
@@ -156,8 +188,9 @@ def test_bf16_untied_sharded_folder_loads_and_round_trips(tmp_path: Path) -> Non
 
     back = {}
     for f in files:
-        back.update({k: v.view(torch.int16).numpy().view(BF16)
-                     for k, v in torch_load(str(out / f)).items()})
+        back.update(
+            {k: v.view(torch.int16).numpy().view(BF16) for k, v in torch_load(str(out / f)).items()}
+        )
     assert_bitwise(back, tensors)
     assert_bitwise(hf_view(cfg, load_hf_folder(out)[1]), tensors)
 
@@ -177,8 +210,11 @@ def test_save_can_cast_and_rejects_a_wrong_pytree(stories, tmp_path: Path) -> No
     assert {x.dtype for x in jax.tree.leaves(load_hf_folder(tmp_path)[1])} == {BF16}
     bad = jax.tree.map(lambda x: x, base)
     bad["layers"]["attn"]["q_proj"] = bad["layers"]["attn"]["q_proj"][:, :, :8]
-    with pytest.raises(TensorShapeError, match=r"layers/attn/q_proj has shape \[5, 64, 8\], but "
-                                               r"the config implies \[5, 64, 64\]"):
+    with pytest.raises(
+        TensorShapeError,
+        match=r"layers/attn/q_proj has shape \[5, 64, 8\], but "
+        r"the config implies \[5, 64, 64\]",
+    ):
         save_hf_folder(cfg, bad, tmp_path / "bad")
 
 
@@ -198,39 +234,56 @@ def test_missing_folder_and_files_say_where_and_what_to_run(tmp_path: Path) -> N
         load_hf_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(ModelNotFoundError, match=r"neither model\.safetensors nor "
-                                                 r"model\.safetensors\.index\.json "
-                                                 r"\(found \['pytorch_model\.bin'\]"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"neither model\.safetensors nor "
+        r"model\.safetensors\.index\.json "
+        r"\(found \['pytorch_model\.bin'\]",
+    ):
         load_hf_folder(tmp_path)
     assert issubclass(ModelNotFoundError, FileNotFoundError)
 
 
 def test_missing_shard(tmp_path: Path) -> None:
     tensors = hf_tensors(TINY, np.dtype(np.float32))
-    folder = write_folder(tmp_path, TINY, [dict(list(tensors.items())[:5]),
-                                           dict(list(tensors.items())[5:])])
+    folder = write_folder(
+        tmp_path, TINY, [dict(list(tensors.items())[:5]), dict(list(tensors.items())[5:])]
+    )
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelNotFoundError,
-                       match=r"shard 'model-00002-of-00002\.safetensors' listed"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"shard 'model-00002-of-00002\.safetensors' listed"
+    ):
         load_hf_folder(folder)
 
 
 @pytest.mark.parametrize(
     ("edit", "error", "message"),
     [
-        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
-         UnsupportedArchitectureError, r"unsupported architecture \['MistralForCausalLM'\]; "
-                                       r"supported: LlamaForCausalLM"),
+        (
+            {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+            UnsupportedArchitectureError,
+            r"unsupported architecture \['MistralForCausalLM'\]; "
+            r"supported: LlamaForCausalLM",
+        ),
         ({"attention_bias": True}, UnsupportedArchitectureError, r"attention_bias=true"),
         ({"hidden_act": "gelu"}, UnsupportedArchitectureError, r"hidden_act='gelu'.*silu"),
         ({"hidden_size": None}, ModelLoadError, r"config\.json: missing key 'hidden_size'"),
-        ({"intermediate_size": 20}, TensorShapeError,
-         r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[24, 16\], but the config "
-         r"implies \[20, 16\]"),
-        ({"num_hidden_layers": 3}, MissingTensorError,
-         r"tensor 'model\.layers\.2\.input_layernorm\.weight' is missing"),
-        ({"num_hidden_layers": 1}, UnsupportedArchitectureError,
-         r"unexpected tensor\(s\) \['model\.layers\.1\."),
+        (
+            {"intermediate_size": 20},
+            TensorShapeError,
+            r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[24, 16\], "
+            r"but the config implies \[20, 16\]",
+        ),
+        (
+            {"num_hidden_layers": 3},
+            MissingTensorError,
+            r"tensor 'model\.layers\.2\.input_layernorm\.weight' is missing",
+        ),
+        (
+            {"num_hidden_layers": 1},
+            UnsupportedArchitectureError,
+            r"unexpected tensor\(s\) \['model\.layers\.1\.",
+        ),
     ],
 )
 def test_config_errors(tiny_folder, edit, error, message) -> None:
@@ -246,8 +299,11 @@ def test_missing_tensor_and_bad_files(tiny_folder) -> None:
     folder, tensors = tiny_folder
     del tensors["lm_head.weight"]
     write_folder(folder, TINY, [tensors])
-    with pytest.raises(MissingTensorError, match=r"tensor 'lm_head\.weight' is missing.*"
-                                                 r"tie_word_embeddings=False"):
+    with pytest.raises(
+        MissingTensorError,
+        match=r"tensor 'lm_head\.weight' is missing.*"
+        r"tie_word_embeddings=False",
+    ):
         load_hf_folder(folder)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
@@ -266,8 +322,11 @@ def test_missing_tensor_and_bad_files(tiny_folder) -> None:
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py ``LlamaModel.permute`` (HF rotate-half -> interleaved)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def test_unpermute_inverts_llama_cpp_permute() -> None:
@@ -278,17 +337,28 @@ def test_unpermute_inverts_llama_cpp_permute() -> None:
     assert np.array_equal(llama_cpp_permute(np.arange(4.0)[:, None], 1)[:, 0], [0, 2, 1, 3])
 
 
-def write_gguf(path: Path, cfg: LlamaConfig, tensors: dict[str, np.ndarray],
-               arch: str = "llama") -> Path:
+def write_gguf(
+    path: Path, cfg: LlamaConfig, tensors: dict[str, np.ndarray], arch: str = "llama"
+) -> Path:
     """A GGUF as llama.cpp's converter writes it: permuted q/k, GGUF names, llama.* metadata."""
     import gguf
 
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-             "output_norm.weight", "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -331,8 +401,11 @@ def test_gguf_errors(tmp_path: Path) -> None:
         load_gguf(tmp_path / "missing.gguf")
     tensors = hf_tensors(TINY, np.dtype(np.float32))
     path = write_gguf(tmp_path / "q.gguf", TINY, tensors, arch="qwen2")
-    with pytest.raises(UnsupportedArchitectureError, match=r"GGUF architecture 'qwen2' is not "
-                                                           r"supported; supported: llama"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"GGUF architecture 'qwen2' is not "
+        r"supported; supported: llama",
+    ):
         load_gguf(path)
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(ModelLoadError, match=r"bad\.gguf: not a readable GGUF"):
@@ -353,13 +426,21 @@ def smol_hf(smollm2_gguf: Path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype="float32").eval()
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype="float32"
+    ).eval()
 
 
 def test_smollm2_gguf_has_the_documented_architecture(smol) -> None:
     cfg, base = smol
-    assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (30, 576, 1536, 9, 3, 64, 49152)
+    assert (
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    ) == (30, 576, 1536, 9, 3, 64, 49152)
     assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings) == (1e5, 1e-5, 8192)
     assert cfg.tie_word_embeddings and (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)
     n_params = sum(x.size for x in jax.tree.leaves(base))
@@ -373,8 +454,12 @@ def test_smollm2_weights_and_logits_match_transformers(smol, smol_hf) -> None:
 
     cfg, base = smol
     sd = smol_hf.state_dict()
-    for name in ("model.layers.7.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
-                 "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.7.self_attn.q_proj.weight",
+        "model.layers.7.self_attn.k_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ):
         assert np.array_equal(hf_view_one(cfg, base, name), sd[name].numpy()), name
     tokens = np.array([[1, 504, 3575, 282, 4649, 314, 2683, 30]], np.int32)
     ours = np.asarray(apply(base, None, tokens, np.ones_like(tokens), cfg=cfg))

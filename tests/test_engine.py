@@ -46,8 +46,12 @@ def make_batches(seed: int = 0, poison: tuple[int, ...] = ()) -> dict[str, np.nd
     loss_mask[..., : SEQ // 2] = 0
     flag = np.zeros((N, STEPS), np.float32)
     flag[list(poison)] = 1.0
-    return {"tokens": tokens, "loss_mask": loss_mask, "attn_mask": np.ones_like(tokens),
-            "poison": flag}
+    return {
+        "tokens": tokens,
+        "loss_mask": loss_mask,
+        "attn_mask": np.ones_like(tokens),
+        "poison": flag,
+    }
 
 
 def with_poison(phase: Phase) -> Phase:
@@ -147,8 +151,11 @@ def test_chunked_matches_vmap(setup, vmap_round):
 def test_shard_map_matches_vmap(vmap_round, stories_dir, tmp_path):
     """8 fake CPU devices in a subprocess; K=3 is padded to 8 rows on the clients mesh."""
     out = tmp_path / "shard.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": str(REPO),
+    }
     code = (
         f"import sys, numpy as np, jax; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
         "import test_engine as t\n"
@@ -159,8 +166,9 @@ def test_shard_map_matches_vmap(vmap_round, stories_dir, tmp_path):
         f"np.savez({str(out)!r}, *jax.tree.leaves(s.server_state),"
         " clients=np.array(m['clients']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(out)
     leaves = jax.tree.leaves(vmap_round[0].server_state)
@@ -237,8 +245,12 @@ def test_sampling_is_deterministic():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"count": 0}, "clients_per_round=0"), ({"count": 11}, "clients_per_round=11"),
-     ({"fraction": 0.0}, "client_fraction"), ({"count": 2, "fraction": 0.5}, "not both")],
+    [
+        ({"count": 0}, "clients_per_round=0"),
+        ({"count": 11}, "clients_per_round=11"),
+        ({"fraction": 0.0}, "client_fraction"),
+        ({"count": 2, "fraction": 0.5}, "not both"),
+    ],
 )
 def test_sampling_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -273,7 +285,6 @@ def test_batches_function_receives_sampled_ids(setup, vmap_round):
     assert calls == [(0, "train", vmap_round[1]["clients"])]
     assert_trees_close(state.server_state, vmap_round[0].server_state, atol=0)
     json.dumps(vmap_round[1])  # round metrics are plain JSON
-
 
 
 def toy_algorithm(per_client: bool = False):
@@ -321,8 +332,9 @@ def test_per_client_broadcast(backend):
     base = {"w": jnp.zeros(5)}
     alg = toy_algorithm(per_client=True)
     config = E.EngineConfig(backend=backend, chunk_size=2)
-    state, metrics = E.run_round(alg, E.init_state(alg, base, 3), base, TOY_BATCHES,
-                                 [1.0, 1.0, 2.0], config)
+    state, metrics = E.run_round(
+        alg, E.init_state(alg, base, 3), base, TOY_BATCHES, [1.0, 1.0, 2.0], config
+    )
     # client c uploads c + 1 everywhere; weights 1, 1, 2 → (1 + 2 + 2·3) / 4
     np.testing.assert_allclose(state.server_state["w"], np.full(5, 9 / 4))
     assert metrics["comm/down_bytes_per_client"] == 5 * 4  # its own slice, not all K rows

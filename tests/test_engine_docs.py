@@ -15,8 +15,15 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "writing_an_algorit
 def test_example_algorithm_and_its_aggregate_test_run():
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     algorithm, test = blocks[0], blocks[2]
-    model = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
-                        num_heads=2, num_kv_heads=1, head_dim=4)
+    model = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+    )
     ns: dict = {"training": ClientTraining(model=model, adapter=AdapterConfig(r=2))}
     try:
         exec(compile(algorithm, str(DOC), "exec"), ns)

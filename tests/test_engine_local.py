@@ -15,8 +15,15 @@ from fedlora_jax.federated.comm import per_client_nbytes, phase_bytes, tree_nbyt
 from fedlora_jax.federated.local import local_train, make_optimizer, make_schedule
 from fedlora_jax.model.config import LlamaConfig
 
-MODEL = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
-                    num_heads=2, num_kv_heads=1, head_dim=4)
+MODEL = LlamaConfig(
+    vocab_size=32,
+    hidden_size=8,
+    intermediate_size=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+)
 
 
 def training(**kw) -> ClientTraining:
@@ -81,9 +88,11 @@ def test_schedule_values(kw, counts, expected):
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"schedule": "step"}, "training.schedule='step'"),
-     ({"optimizer_state": "shared"}, "training.optimizer_state"),
-     ({"compute_dtype": "float16"}, "training.compute_dtype")],
+    [
+        ({"schedule": "step"}, "training.schedule='step'"),
+        ({"optimizer_state": "shared"}, "training.optimizer_state"),
+        ({"compute_dtype": "float16"}, "training.compute_dtype"),
+    ],
 )
 def test_bad_training_values_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -101,8 +110,9 @@ def test_local_train_equals_python_loop():
     params = {"w": jnp.array([0.5, -1.0, 3.0])}
     xs = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
     tx = make_optimizer(training(lr=0.05, schedule="linear"), {"w": "global"}, 4)
-    got, _, metrics = local_train(loss_fn, base, params, tx, tx.init(params), {"x": xs},
-                                  jax.random.PRNGKey(1))
+    got, _, metrics = local_train(
+        loss_fn, base, params, tx, tx.init(params), {"x": xs}, jax.random.PRNGKey(1)
+    )
     p, s, losses, norms = params, tx.init(params), [], []
     for x in xs:
         (loss, _), g = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(base, p, {"x": x}, None)
@@ -119,8 +129,10 @@ def test_local_train_equals_python_loop():
 
 def test_fedavg_and_mean_against_numpy():
     rng = np.random.default_rng(0)
-    u = {"a": rng.normal(size=(4, 3, 2)).astype(np.float32), "b": rng.normal(size=(4,)).astype(
-        np.float32)}
+    u = {
+        "a": rng.normal(size=(4, 3, 2)).astype(np.float32),
+        "b": rng.normal(size=(4,)).astype(np.float32),
+    }
     u["a"][2] = np.nan  # excluded client: weight 0 must keep NaN out
     w = np.array([1.0, 3.0, 0.0, 4.0], np.float32)
     got = fedavg(u, w)
@@ -141,4 +153,3 @@ def test_comm_byte_helpers():
     shared = {"y": jnp.zeros((7,), jnp.bfloat16)}
     assert phase_bytes(shared, tree, False, True) == (14, 32)
     assert phase_bytes(tree, tree, True, False) == (32, 0)
-

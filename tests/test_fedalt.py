@@ -48,8 +48,10 @@ def hand_copies(n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
 
     def leaf(d_out):
-        return {"A1": rng.normal(size=(n, 2, 6)).astype(np.float32),
-                "B1": rng.normal(size=(n, d_out, 2)).astype(np.float32)}
+        return {
+            "A1": rng.normal(size=(n, 2, 6)).astype(np.float32),
+            "B1": rng.normal(size=(n, d_out, 2)).astype(np.float32),
+        }
 
     return {"layers": {"0": {"attn": {"q_proj": leaf(6), "v_proj": leaf(4)}}}}
 
@@ -67,10 +69,13 @@ def training(model):
 # ----------------------------------------------------------------------------- RoW (no model)
 
 
-@pytest.mark.parametrize("uploaded", [
-    [True, True, True, True, True],  # full participation: the official code's setting
-    [True, False, True, False, True],  # partial: clients 1 and 3 have never uploaded
-])
+@pytest.mark.parametrize(
+    "uploaded",
+    [
+        [True, True, True, True, True],  # full participation: the official code's setting
+        [True, False, True, False, True],  # partial: clients 1 and 3 have never uploaded
+    ],
+)
 def test_rest_of_world_is_leave_one_out_mean_against_numpy(uploaded):
     copies = hand_copies(5, 0)
     ids = jnp.array([0, 1, 3, 4])
@@ -101,8 +106,9 @@ def test_rest_of_world_ignores_the_clients_own_and_never_uploaded_copies():
         np.testing.assert_array_equal(at(own)[name][1], at(before)[name][1])
         np.testing.assert_array_equal(at(never)[name], at(before)[name])
         for c, n_others in ((0, 2), (2, 3), (3, 2)):  # everyone else sees client 1's change
-            np.testing.assert_allclose(at(own)[name][c] - at(before)[name][c], 100.0 / n_others,
-                                       rtol=1e-4)
+            np.testing.assert_allclose(
+                at(own)[name][c] - at(before)[name][c], 100.0 / n_others, rtol=1e-4
+            )
 
 
 def test_rest_of_world_is_zero_until_another_client_uploads():
@@ -138,8 +144,9 @@ def test_aggregate_keeps_latest_copies_and_skips_excluded_clients(training):
     rng = np.random.default_rng(0)
 
     def uploads(k):
-        return jax.tree.map(lambda x: rng.normal(size=(k, *x.shape[1:])).astype(np.float32),
-                            server["individual"])
+        return jax.tree.map(
+            lambda x: rng.normal(size=(k, *x.shape[1:])).astype(np.float32), server["individual"]
+        )
 
     up1 = uploads(3)  # round 1: clients 0, 1, 2 take part
     s1 = phase.aggregate(server, up1, jnp.array([5.0, 1.0, 9.0]), jnp.array([0, 1, 2]))
@@ -149,21 +156,22 @@ def test_aggregate_keeps_latest_copies_and_skips_excluded_clients(training):
     np.testing.assert_array_equal(s2["uploaded"], [True, True, True, True])
     copies = at(s2["individual"])
     for name in ("A1", "B1"):
-        want = np.stack([at(up1)[name][0], at(up2)[name][0], at(up1)[name][2],
-                         at(up2)[name][2]])
+        want = np.stack([at(up1)[name][0], at(up2)[name][0], at(up1)[name][2], at(up2)[name][2]])
         np.testing.assert_array_equal(copies[name], want)
     # the next broadcast uses every other client's latest copy, whoever took part last round
     payload = phase.broadcast(s2, jnp.array([0, 3]))
     for k, c in enumerate((0, 3)):
-        np.testing.assert_allclose(at(payload)["B0"][k], np_row(want, [True] * 4, c),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            at(payload)["B0"][k], np_row(want, [True] * 4, c), rtol=1e-6, atol=1e-6
+        )
     # models(): no global model; personal = current RoW + the client's own A1, B1, G
     global_adapters, personal = alg.models(s2, clients)
     assert global_adapters is None
     assert set(at(personal)) == set(LEAF_KEYS)
     np.testing.assert_array_equal(at(personal)["G"], at(clients["individual"])["G"])
-    np.testing.assert_allclose(at(personal)["A0"][1], np_row(copies["A1"], [True] * 4, 1),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        at(personal)["A0"][1], np_row(copies["A1"], [True] * 4, 1), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_wrong_adapter_kind_is_a_named_error(training):
@@ -181,18 +189,22 @@ def test_client_trains_A1_B1_G_and_leaves_a_nonzero_RoW_bitwise_unchanged(model,
     _, clients = alg.init(jax.random.PRNGKey(0), None, N)
     rng = np.random.default_rng(1)
     own = select_keys(clients["individual"], ("A1", "B1"))
-    row = jax.tree.map(lambda x: rng.normal(size=x.shape[1:]).astype(np.float32) * 0.1,
-                       rest_of_world(own, jnp.ones(N, bool), jnp.arange(1)))
+    row = jax.tree.map(
+        lambda x: rng.normal(size=x.shape[1:]).astype(np.float32) * 0.1,
+        rest_of_world(own, jnp.ones(N, bool), jnp.arange(1)),
+    )
     params = merge_trees(row, jax.tree.map(lambda x: x[0], clients["individual"]))
     labels = label_by_key(LABEL_RULE)
     tx = make_optimizer(training, labels, STEPS)
     batches = {k: v[0] for k, v in make_batches().items() if k != "poison"}
     loss_fn = make_loss_fn(training)
-    grads = jax.grad(lambda p: loss_fn(base, p, jax.tree.map(lambda x: x[0], batches),
-                                       jax.random.PRNGKey(0))[0])(params)
+    grads = jax.grad(
+        lambda p: loss_fn(base, p, jax.tree.map(lambda x: x[0], batches), jax.random.PRNGKey(0))[0]
+    )(params)
     assert np.abs(at(grads)["A0"]).max() > 0  # the RoW does receive gradient: it must be masked
-    new, _, _ = local_train(loss_fn, base, params, tx, tx.init(params), batches,
-                            jax.random.PRNGKey(0), labels)
+    new, _, _ = local_train(
+        loss_fn, base, params, tx, tx.init(params), batches, jax.random.PRNGKey(0), labels
+    )
     for path in (Q, ("layers", "1", "attn", "v_proj")):
         for name in ("A0", "B0"):
             np.testing.assert_array_equal(at(new, path)[name], at(params, path)[name])
@@ -209,8 +221,9 @@ def test_upload_holds_A1_B1_only(model, training):
     row = jax.tree.map(lambda x: x[1], clients)
     toks = jnp.zeros((STEPS, 2, 8), jnp.int32)
     batch = {"tokens": toks, "loss_mask": toks, "attn_mask": toks}
-    upload, state, _ = jax.eval_shape(phase.client_update, base, payload, row, batch,
-                                      jax.random.PRNGKey(0))
+    upload, state, _ = jax.eval_shape(
+        phase.client_update, base, payload, row, batch, jax.random.PRNGKey(0)
+    )
     assert jax.tree.structure(upload) == jax.tree.structure(server["individual"])
     assert {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(upload)} == {"A1", "B1"}
     assert jax.tree.structure(state) == jax.tree.structure(row)  # G stays on the client
@@ -248,11 +261,17 @@ def test_engine_rounds_keep_individual_LoRA_and_router_personal(two_rounds):
             np.testing.assert_array_equal(ind[name][up], copies[name][up])
     # client 3 sat out round 1: its LoRA and router are untouched (never reset to an aggregate)
     for name in ("A1", "B1", "G"):
-        np.testing.assert_array_equal(at(s2.client_states["individual"])[name][3],
-                                      at(s1.client_states["individual"])[name][3])
+        np.testing.assert_array_equal(
+            at(s2.client_states["individual"])[name][3], at(s1.client_states["individual"])[name][3]
+        )
         for c in (0, 1):  # took part twice: trained on from its own round-1 result
-            assert np.abs(at(s2.client_states["individual"])[name][c]
-                          - at(s1.client_states["individual"])[name][c]).max() > 0
+            assert (
+                np.abs(
+                    at(s2.client_states["individual"])[name][c]
+                    - at(s1.client_states["individual"])[name][c]
+                ).max()
+                > 0
+            )
     np.testing.assert_array_equal(s2.client_states["rounds"], [2, 2, 1, 1])
     # personal models: each client's RoW is the leave-one-out mean of the server's copies
     g, personal = alg.models(s2.server_state, s2.client_states)
@@ -260,9 +279,12 @@ def test_engine_rounds_keep_individual_LoRA_and_router_personal(two_rounds):
     copies = at(s2.server_state["individual"])
     for c in range(N):
         for name in ("A", "B"):
-            np.testing.assert_allclose(at(personal)[f"{name}0"][c],
-                                       np_row(copies[f"{name}1"], [True] * 4, c),
-                                       rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(
+                at(personal)[f"{name}0"][c],
+                np_row(copies[f"{name}1"], [True] * 4, c),
+                rtol=1e-5,
+                atol=1e-7,
+            )
 
 
 def test_downlink_is_one_RoW_per_client_and_uplink_one_LoRA(two_rounds):
@@ -286,11 +308,17 @@ def test_official_preset_mirrors_the_official_run():
     cfg = load_config(f"{ni}:fedalt")
     assert (cfg.algorithm.name, adapter_kind(cfg)) == ("fedalt", "mixture")
     assert (cfg.data.source, cfg.data.partition, cfg.data.num_clients) == (
-        "natural_instructions", "task", 8)
+        "natural_instructions",
+        "task",
+        8,
+    )
     assert (cfg.adapter.r, cfg.adapter.alpha, cfg.adapter.targets) == (8, 32.0, "qv")
     assert (cfg.federated.rounds, cfg.federated.batch_size, cfg.eval.every) == (20, 8, 5)
-    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.optimizer_state) == (3e-4, "linear",
-                                                                             "fresh")
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.optimizer_state) == (
+        3e-4,
+        "linear",
+        "fresh",
+    )
     baseline = load_config(f"{ni}:fedalt", ["algorithm.name=fedit"])
     assert adapter_kind(baseline) == "lora"
 

@@ -36,8 +36,9 @@ def at(tree, path=Q):
 
 def leaves_by_key(tree):
     """{(module path..., component): array} for a decomposed adapter tree."""
-    return {tuple(k.key for k in p): np.asarray(x)
-            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        tuple(k.key for k in p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,10 @@ def batch_of(seed, steps=None):
 def test_option_errors_name_the_key(training):
     build = get("fedlora_optimizer")
     cases = [
-        ({"local_phase": "last"}, "algorithm.options.local_phase='last' is not allowed; allowed: "
-         "every_round, final"),
+        (
+            {"local_phase": "last"},
+            "algorithm.options.local_phase='last' is not allowed; allowed: every_round, final",
+        ),
         ({"personal_bm": "x"}, "personal_bm='x' is not allowed"),
         ({"variant": "paper"}, "variant='paper' is not allowed"),
         ({"variant": "paper_literal"}, "needs adapter.init='paper_literal'"),
@@ -84,7 +87,9 @@ def test_option_errors_name_the_key(training):
 def test_phases_and_steps(training):
     alg = get("fedlora_optimizer")(training, global_steps=3, local_steps_personal=1)
     assert [(p.name, p.steps, p.aggregate is None) for p in alg.phases] == [
-        ("global", 3, False), ("personal", 1, True)]
+        ("global", 3, False),
+        ("personal", 1, True),
+    ]
 
 
 # ------------------------------------------------------------------------- B_M = 0 start
@@ -100,7 +105,8 @@ def test_zero_bm_gives_zero_delta_yet_bm_gets_gradient(model, training):
     key = jax.random.PRNGKey(1)
     base_loss, _ = loss_fn(base, {}, batch, key)
     (loss, _), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-        base, adapters, batch, key)
+        base, adapters, batch, key
+    )
     np.testing.assert_allclose(loss, base_loss, rtol=1e-6)  # ΔW = 0: the base model's loss
     g = at(grads)
     assert float(jnp.abs(g["B_M"]).max()) > 1e-6
@@ -108,7 +114,8 @@ def test_zero_bm_gives_zero_delta_yet_bm_gets_gradient(model, training):
         assert not np.any(g[c]), c
     # ... and one plain SGD step on B_M alone unblocks every component
     stepped = jax.tree_util.tree_map_with_path(
-        lambda p, x, d: x - d if p[-1].key == "B_M" else x, adapters, grads)
+        lambda p, x, d: x - d if p[-1].key == "B_M" else x, adapters, grads
+    )
     g2 = at(jax.grad(lambda a: loss_fn(base, a, batch, key)[0])(stepped))
     for c in COMPONENTS:
         assert float(jnp.abs(g2[c]).max()) > 1e-9, c
@@ -138,8 +145,10 @@ def test_optimizer_routing_matches_hand_computed_adam(training):
     server, clients = alg.init(jax.random.PRNGKey(0), None, N)
     # state structure: the global phase's Adam holds every component in its "global" group, the
     # personal phase's Adam holds B_M only, in its "local" group
-    for name, label, held in (("opt_state", "global", COMPONENTS),
-                              ("local_opt_state", "local", ("B_M",))):
+    for name, label, held in (
+        ("opt_state", "global", COMPONENTS),
+        ("local_opt_state", "local", ("B_M",)),
+    ):
         state = clients[name]
         mu = at(adam_mu(state, label))
         assert {k for k, v in mu.items() if isinstance(v, jax.Array)} == set(held), name
@@ -152,8 +161,10 @@ def test_optimizer_routing_matches_hand_computed_adam(training):
     tx_g, _, tx_l, _ = phase_optimizers(train_g, train_l, COMPONENTS)
     params = server["adapters"]
     rng = np.random.default_rng(0)
-    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
-             for _ in range(2)]
+    grads = [
+        jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+        for _ in range(2)
+    ]
     for tx, lr, moved in ((tx_g, 0.1, COMPONENTS), (tx_l, 0.01, ("B_M",))):
         state = tx.init(params)
         ups = []
@@ -180,11 +191,13 @@ def test_personal_phase_training_changes_only_bm(model, training):
     _, _, tx_l, labels_l = phase_optimizers(training, training, COMPONENTS)
     loss_fn = make_loss_fn(training)
     batches = batch_of(1)
-    grads = jax.grad(lambda a: loss_fn(base, a, jax.tree.map(lambda x: x[0], batches),
-                                       jax.random.PRNGKey(0))[0])(params)
+    grads = jax.grad(
+        lambda a: loss_fn(base, a, jax.tree.map(lambda x: x[0], batches), jax.random.PRNGKey(0))[0]
+    )(params)
     assert float(jnp.abs(at(grads)["A_D"]).max()) > 0
-    new, _, metrics = local_train(loss_fn, base, params, tx_l, tx_l.init(params), batches,
-                                  jax.random.PRNGKey(0), labels_l)
+    new, _, metrics = local_train(
+        loss_fn, base, params, tx_l, tx_l.init(params), batches, jax.random.PRNGKey(0), labels_l
+    )
     before, after = leaves_by_key(params), leaves_by_key(new)
     for k in before:
         if k[-1] == "B_M":
@@ -200,8 +213,9 @@ def test_personal_phase_training_changes_only_bm(model, training):
 def np_fedavg(stacked, w):
     w = np.asarray(w, np.float64)
     keep = w > 0
-    return jax.tree.map(lambda u: np.tensordot(w[keep] / w[keep].sum(), np.asarray(u)[keep], 1),
-                        stacked)
+    return jax.tree.map(
+        lambda u: np.tensordot(w[keep] / w[keep].sum(), np.asarray(u)[keep], 1), stacked
+    )
 
 
 def stacked_like(tree, k, seed):
@@ -231,8 +245,11 @@ def test_global_and_personal_models_differ_only_in_bm(training):
     server, clients = alg.init(jax.random.PRNGKey(0), None, N)
     server = {**server, "adapters": stacked_like(server["adapters"], 1, 2)}
     server["adapters"] = jax.tree.map(lambda x: x[0], server["adapters"])
-    clients = {**clients, "B_M": stacked_like(jax.tree.map(lambda x: x[0], clients["B_M"]), N, 3),
-               "has_bm": jnp.array([True, False, True, False])}
+    clients = {
+        **clients,
+        "B_M": stacked_like(jax.tree.map(lambda x: x[0], clients["B_M"]), N, 3),
+        "has_bm": jnp.array([True, False, True, False]),
+    }
     g, personal = alg.models(server, clients)
     assert g is server["adapters"]
     for path, x in leaves_by_key(personal).items():
@@ -299,10 +316,13 @@ def test_persistent_bm_is_the_start_of_the_next_personal_phase(model, training, 
     row["B_M"] = jax.tree.map(lambda x: x + 1.0, row["B_M"])  # far from the global B_M
     batches = {k: v[client] for k, v in round_batches(5, 1)["personal"].items()}
     key = jax.random.PRNGKey(0)
-    restart = get("fedlora_optimizer")(training, local_steps_personal=1, local_lr=5e-2,
-                                       personal_bm="restart")
-    outs = [a.phases[1].client_update(base, state.server_state, row, batches, key)[1]["B_M"]
-            for a in (alg, restart)]
+    restart = get("fedlora_optimizer")(
+        training, local_steps_personal=1, local_lr=5e-2, personal_bm="restart"
+    )
+    outs = [
+        a.phases[1].client_update(base, state.server_state, row, batches, key)[1]["B_M"]
+        for a in (alg, restart)
+    ]
     own, shared = at(row["B_M"])["B_M"], at(state.server_state["adapters"])["B_M"]
     # Adam's first step moves each entry by <= lr: the start is recoverable entry-wise
     np.testing.assert_allclose(at(outs[0])["B_M"], own, atol=5e-2 + 1e-6)
@@ -314,10 +334,12 @@ def test_paper_literal_final_local_phase(model, training):
     """variant=paper_literal trains and aggregates only A_D; local_phase=final skips the personal
     phase until the round counter reaches ``rounds``."""
     cfg, base = model
-    lit = dataclasses.replace(training, adapter=dataclasses.replace(training.adapter,
-                                                                    init="paper_literal"))
-    alg = get("fedlora_optimizer")(lit, variant="paper_literal", local_phase="final", rounds=2,
-                                   local_steps_personal=1)
+    lit = dataclasses.replace(
+        training, adapter=dataclasses.replace(training.adapter, init="paper_literal")
+    )
+    alg = get("fedlora_optimizer")(
+        lit, variant="paper_literal", local_phase="final", rounds=2, local_steps_personal=1
+    )
     state = E.init_state(alg, base, N, seed=0)
     server0 = jax.tree.map(np.array, state.server_state)
     state, m1 = E.run_round(alg, state, base, round_batches(0, 1), SIZES, CONFIG)

@@ -23,8 +23,11 @@ PROMPTS = {"bos": [1], "once_upon": [1, 403, 407, 261, 378]}  # "Once upon a tim
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False, max_new_tokens=n, pad_token_id=0,
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
 
@@ -75,8 +78,9 @@ def test_stops_at_first_eos_and_pads(stories_jax, hf_outputs):
     stop = story[10]
     first = story.index(stop)
     tokens, mask = gen.left_pad([PROMPTS["bos"]])
-    out, lengths = gen.generate(base, None, tokens, mask, cfg=cfg, max_new_tokens=40,
-                                eos_ids=(stop, 2), pad_id=7)
+    out, lengths = gen.generate(
+        base, None, tokens, mask, cfg=cfg, max_new_tokens=40, eos_ids=(stop, 2), pad_id=7
+    )
     assert int(lengths[0]) == first + 1
     assert np.asarray(out)[0, : first + 1].tolist() == story[: first + 1]
     assert (np.asarray(out)[0, first + 1 :] == 7).all()
@@ -132,8 +136,7 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(stories_jax, hf_outputs):
     c = gen.generate(base, None, tokens, mask, key=jax.random.PRNGKey(1), **kw)[0]
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a[0], a[1])
-    nucleus = gen.generate(base, None, tokens, mask, key=jax.random.PRNGKey(1), top_p=1e-6,
-                           **kw)[0]
+    nucleus = gen.generate(base, None, tokens, mask, key=jax.random.PRNGKey(1), top_p=1e-6, **kw)[0]
     assert np.asarray(nucleus)[0].tolist() == hf_outputs["bos"][:20]
 
 
@@ -171,8 +174,9 @@ def test_bad_inputs_raise_clear_errors(stories_jax):
     with pytest.raises(ValueError, match="left-padded"):
         gen.generate(base, None, tokens, np.array([[1, 1, 0]]), cfg=cfg, max_new_tokens=4)
     with pytest.raises(ValueError, match="PRNG key"):
-        gen.generate(base, None, tokens, np.ones((1, 3)), cfg=cfg, max_new_tokens=4,
-                     temperature=0.7)
+        gen.generate(
+            base, None, tokens, np.ones((1, 3)), cfg=cfg, max_new_tokens=4, temperature=0.7
+        )
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate(base, None, tokens, np.ones((1, 3)), cfg=cfg, max_new_tokens=0)
 
@@ -180,8 +184,16 @@ def test_bad_inputs_raise_clear_errors(stories_jax):
 def test_bf16_generation_runs(stories_jax, hf_outputs):
     cfg, base = stories_jax
     tokens, mask = gen.left_pad([PROMPTS["bos"]])
-    out, lengths = gen.generate(base, None, tokens, mask, cfg=cfg, max_new_tokens=16,
-                                eos_ids=(2,), compute_dtype=jnp.bfloat16)
+    out, lengths = gen.generate(
+        base,
+        None,
+        tokens,
+        mask,
+        cfg=cfg,
+        max_new_tokens=16,
+        eos_ids=(2,),
+        compute_dtype=jnp.bfloat16,
+    )
     assert out.dtype == jnp.int32 and int(lengths[0]) == 16
     # bf16 rounding may flip a near-tie late, but the opening of the story must agree
     assert np.asarray(out)[0, :4].tolist() == hf_outputs["bos"][:4]

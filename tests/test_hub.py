@@ -22,7 +22,8 @@ from fedlora_jax.model.tokenizer import TokenizerLoadError, load_tokenizer
 def same_tree(a, b) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
         x.dtype == y.dtype and np.array_equal(x, y)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def test_packaged_stories_is_the_shared_model_byte_for_byte(stories_dir: Path) -> None:
@@ -50,12 +51,18 @@ def test_local_folder_wins_and_dtype_passes_through(stories_dir: Path) -> None:
 
 def test_unknown_names_and_offline_hub_ids_say_where_they_looked(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match=r"no local path 'nosuch'; not an alias "
-                                                 r"\(stories260k, smollm2-135m, llama2-7b"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"no local path 'nosuch'; not an alias "
+        r"\(stories260k, smollm2-135m, llama2-7b",
+    ):
         locate("nosuch")
-    with pytest.raises(ModelNotFoundError, match=r"meta-llama/Llama-2-7b-hf is not in the HF cache "
-                                                 r"and the hub is offline \(HF_HUB_OFFLINE=1"
-                                                 r".*hf download"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"meta-llama/Llama-2-7b-hf is not in the HF cache "
+        r"and the hub is offline \(HF_HUB_OFFLINE=1"
+        r".*hf download",
+    ):
         locate("llama2-7b")
 
 
@@ -76,8 +83,9 @@ def test_offline_reason_without_env_probes_the_endpoint(monkeypatch) -> None:
     assert hub_offline_reason() is None
 
 
-def test_hub_id_found_in_the_hf_cache_offline(stories_dir: Path, tmp_path: Path,
-                                             monkeypatch) -> None:
+def test_hub_id_found_in_the_hf_cache_offline(
+    stories_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     """A snapshot laid out as huggingface_hub caches it resolves with HF_HUB_OFFLINE=1."""
     import huggingface_hub.constants as hc
 
@@ -117,7 +125,8 @@ def smol_root(smollm2_gguf: Path, tmp_path_factory) -> Path:
 def test_fetch_smollm2_writes_a_plain_folder(smol_root: Path, smollm2_gguf: Path) -> None:
     folder = smol_root / "models" / "smollm2-135m"
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {
-        p.name for p in folder.iterdir()}
+        p.name for p in folder.iterdir()
+    }
     assert not [p for p in (smol_root / "models").iterdir() if p.name.startswith(".")]  # no tmp
     cfg, base = load_hf_folder(folder)
     gcfg, gbase = load_gguf(smollm2_gguf)
@@ -125,8 +134,9 @@ def test_fetch_smollm2_writes_a_plain_folder(smol_root: Path, smollm2_gguf: Path
     assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 30
 
 
-def test_alias_smollm2_uses_the_offline_copy(smol_root: Path, smollm2_gguf: Path,
-                                            monkeypatch) -> None:
+def test_alias_smollm2_uses_the_offline_copy(
+    smol_root: Path, smollm2_gguf: Path, monkeypatch
+) -> None:
     import gguf
 
     monkeypatch.setenv("FEDLORA_JAX_CACHE", str(smol_root))
@@ -138,8 +148,9 @@ def test_alias_smollm2_uses_the_offline_copy(smol_root: Path, smollm2_gguf: Path
     vocab = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.ggml.tokens"].contents()
     ids = m.tokenizer("Hello world", add_special_tokens=False)["input_ids"]
     assert [vocab[i] for i in ids] == ["Hello", "Ġworld"]
-    text = m.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
-                                           add_generation_prompt=True, tokenize=False)
+    text = m.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 

@@ -77,14 +77,20 @@ def test_padding_does_not_change_real_tokens(stories_jax):
 RANDOM_CONFIGS = {
     "gqa_tied_default": dict(num_key_value_heads=2, tie_word_embeddings=True, rope=None),
     "mha_untied_linear": dict(
-        num_key_value_heads=4, tie_word_embeddings=False,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
         rope={"rope_type": "linear", "factor": 2.5, "rope_theta": 500.0},
     ),
     "gqa_untied_llama3": dict(
-        num_key_value_heads=1, tie_word_embeddings=False,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
         rope={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 10000.0,
         },
     ),
 }
@@ -93,10 +99,18 @@ RANDOM_CONFIGS = {
 def _hf_config(num_key_value_heads: int, tie_word_embeddings: bool, rope: dict | None, **kw):
     rope = rope or {"rope_type": "default", "rope_theta": 10000.0}
     return transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=num_key_value_heads, head_dim=16,
-        max_position_embeddings=128, rms_norm_eps=1e-6, rope_parameters=rope,
-        tie_word_embeddings=tie_word_embeddings, **kw,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters=rope,
+        tie_word_embeddings=tie_word_embeddings,
+        **kw,
     )
 
 
@@ -216,11 +230,23 @@ def test_adapter_paths_are_validated(stories_jax):
     tokens, mask = _batch(cfg.vocab_size, 1, 8, "none")
     leaf = {"A": jnp.zeros((2, 64)), "B": jnp.zeros((64, 2))}
     with pytest.raises(ValueError, match=r"layers\.9"):
-        llama.apply(base, {"layers": {"9": {"attn": {"q_proj": leaf}}}}, tokens, mask, cfg=cfg,
-                    adapter_cfg=LORA_QV)
+        llama.apply(
+            base,
+            {"layers": {"9": {"attn": {"q_proj": leaf}}}},
+            tokens,
+            mask,
+            cfg=cfg,
+            adapter_cfg=LORA_QV,
+        )
     with pytest.raises(ValueError, match=r"layers\.0\.attn\.qq_proj"):
-        llama.apply(base, {"layers": {"0": {"attn": {"qq_proj": leaf}}}}, tokens, mask, cfg=cfg,
-                    adapter_cfg=LORA_QV)
+        llama.apply(
+            base,
+            {"layers": {"0": {"attn": {"qq_proj": leaf}}}},
+            tokens,
+            mask,
+            cfg=cfg,
+            adapter_cfg=LORA_QV,
+        )
     with pytest.raises(ValueError, match="adapter_cfg is None"):
         llama.apply(base, {"layers": {"0": {"attn": {"q_proj": leaf}}}}, tokens, mask, cfg=cfg)
 
@@ -250,16 +276,19 @@ def test_dropout_keys_differ_per_layer_and_module(stories_jax):
     acfg = AdapterConfig(kind="_test_key_probe", targets="qv", dropout=0.1)
     dq = cfg.num_heads * cfg.head_dim
     dkv = cfg.num_kv_heads * cfg.head_dim
-    adapters = {"layers": {
-        str(i): {"attn": {"q_proj": {"out": jnp.zeros(dq)}, "v_proj": {"out": jnp.zeros(dkv)}}}
-        for i in range(cfg.num_layers)
-    }}
+    adapters = {
+        "layers": {
+            str(i): {"attn": {"q_proj": {"out": jnp.zeros(dq)}, "v_proj": {"out": jnp.zeros(dkv)}}}
+            for i in range(cfg.num_layers)
+        }
+    }
     tokens, mask = _batch(cfg.vocab_size, 1, 8, "none")
     llama.apply(base, adapters, tokens, mask, cfg=cfg, adapter_cfg=acfg)
     assert seen and all(k is None for k in seen)  # eval: no key
     seen.clear()
-    out = llama.apply(base, adapters, tokens, mask, cfg=cfg, adapter_cfg=acfg,
-                      dropout_key=jax.random.PRNGKey(3))
+    out = llama.apply(
+        base, adapters, tokens, mask, cfg=cfg, adapter_cfg=acfg, dropout_key=jax.random.PRNGKey(3)
+    )
     jax.block_until_ready(out)
     jax.effects_barrier()
     assert len(seen) == 2 * cfg.num_layers and len(set(seen)) == 2 * cfg.num_layers
@@ -313,8 +342,9 @@ def test_kv_cache_decoding_equals_full_forward(stories_jax, use_lora):
     # prefill in two chunks, then one token per step
     got = []
     for lo, hi in [(0, 6), (6, 10)] + [(t, t + 1) for t in range(10, 22)]:
-        logits, cache = CACHED(base, adapters, tokens[:, lo:hi], mask[:, lo:hi], cache, cfg=cfg,
-                               adapter_cfg=acfg)
+        logits, cache = CACHED(
+            base, adapters, tokens[:, lo:hi], mask[:, lo:hi], cache, cfg=cfg, adapter_cfg=acfg
+        )
         got.append(np.asarray(logits))
     got = np.concatenate(got, axis=1)
     assert _max_err(got, full, mask) <= TOL

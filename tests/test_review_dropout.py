@@ -30,8 +30,9 @@ def setup(stories_dir):
     acfg = AdapterConfig(r=2, alpha=4.0, dropout=0.5, targets="all-linear")
     adapters = init_adapters(jax.random.key(1), cfg, acfg)
     # non-zero B so that dropout on the adapter input changes the output
-    adapters = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape),
-                            adapters)
+    adapters = jax.tree.map(
+        lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape), adapters
+    )
     tokens = np.random.default_rng(0).integers(3, 500, (1, 12)).astype(np.int32)
     loss_mask = np.zeros_like(tokens)
     loss_mask[:, PROMPT:] = 1
@@ -41,8 +42,10 @@ def setup(stories_dir):
 
 def numpy_nll(cfg, base, acfg, adapters, batch) -> float:
     """Mean NLL of the response tokens: token t+1 predicted from position t, no dropout."""
-    logits = np.asarray(llama.apply(base, adapters, batch["tokens"], batch["attn_mask"], cfg=cfg,
-                                    adapter_cfg=acfg), np.float64)[0]
+    logits = np.asarray(
+        llama.apply(base, adapters, batch["tokens"], batch["attn_mask"], cfg=cfg, adapter_cfg=acfg),
+        np.float64,
+    )[0]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
     logp -= logits.max(-1, keepdims=True)
     tokens, mask = batch["tokens"][0], batch["loss_mask"][0]
@@ -69,14 +72,28 @@ def test_training_loss_applies_dropout_per_key(setup):
 def test_evaluation_loss_has_no_dropout(setup):
     cfg, base, acfg, adapters, batch = setup
     tokens = tuple(int(t) for t in batch["tokens"][0])
-    example = EvalExample(prompt_ids=tokens[:PROMPT], references=("x",), tokens=tokens,
-                          loss_mask=tuple(int(m) for m in batch["loss_mask"][0]))
+    example = EvalExample(
+        prompt_ids=tokens[:PROMPT],
+        references=("x",),
+        tokens=tokens,
+        loss_mask=tuple(int(m) for m in batch["loss_mask"][0]),
+    )
 
     class Decoder:
         def decode(self, ids: list[int]) -> str:
             return " ".join(map(str, ids))
 
-    report = evaluate(base, adapters, None, [[example]], cfg=cfg, adapter_cfg=acfg,
-                      tokenizer=Decoder(), max_new_tokens=1, batch_size=1)
-    np.testing.assert_allclose(report["global"]["metrics"]["loss"],
-                               numpy_nll(cfg, base, acfg, adapters, batch), rtol=1e-5)
+    report = evaluate(
+        base,
+        adapters,
+        None,
+        [[example]],
+        cfg=cfg,
+        adapter_cfg=acfg,
+        tokenizer=Decoder(),
+        max_new_tokens=1,
+        batch_size=1,
+    )
+    np.testing.assert_allclose(
+        report["global"]["metrics"]["loss"], numpy_nll(cfg, base, acfg, adapters, batch), rtol=1e-5
+    )

@@ -24,10 +24,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def random_leaf(rng, r=3, n_in=5, n_out=4, axis="row"):
     if axis == "row":
-        return {"A_M": rng.normal(size=r), "A_D": rng.normal(size=(r, n_in)),
-                "B_M": rng.normal(size=n_out), "B_D": rng.normal(size=(n_out, r))}
-    return {"A_M": rng.normal(size=n_in), "A_D": rng.normal(size=(r, n_in)),
-            "B_M": rng.normal(size=r), "B_D": rng.normal(size=(n_out, r))}
+        return {
+            "A_M": rng.normal(size=r),
+            "A_D": rng.normal(size=(r, n_in)),
+            "B_M": rng.normal(size=n_out),
+            "B_D": rng.normal(size=(n_out, r)),
+        }
+    return {
+        "A_M": rng.normal(size=n_in),
+        "A_D": rng.normal(size=(r, n_in)),
+        "B_M": rng.normal(size=r),
+        "B_D": rng.normal(size=(n_out, r)),
+    }
 
 
 def np_dir(d1, d2, axis):
@@ -80,16 +88,21 @@ def test_tree_sensitivity_rows_and_ratios():
 
     trees = [tree(), tree()]
     rows, summary = tree_sensitivity(trees)
-    assert [r["module"] for r in rows] == ["layers.0.attn.q_proj", "layers.0.attn.v_proj",
-                                           "layers.1.attn.q_proj"]
+    assert [r["module"] for r in rows] == [
+        "layers.0.attn.q_proj",
+        "layers.0.attn.v_proj",
+        "layers.1.attn.q_proj",
+    ]
     leaf = trees[1]["layers"]["0"]["attn"]["v_proj"]
     assert rows[1]["mag_B"] == pytest.approx(
-        np.abs(trees[0]["layers"]["0"]["attn"]["v_proj"]["B_M"] - leaf["B_M"]).mean(), rel=1e-5)
+        np.abs(trees[0]["layers"]["0"]["attn"]["v_proj"]["B_M"] - leaf["B_M"]).mean(), rel=1e-5
+    )
     assert summary["dir_A"] == pytest.approx(np.mean([r["dir_A"] for r in rows]))
     assert summary["dir_A/dir_B"] == pytest.approx(summary["dir_A"] / summary["dir_B"])
     assert summary["mag_B/mag_A"] == pytest.approx(summary["mag_B"] / summary["mag_A"])
     assert ratios({"dir_A": 1.0, "dir_B": 0.0, "mag_A": 0.0, "mag_B": 1.0})["dir_A/dir_B"] == (
-        float("inf"))
+        float("inf")
+    )
 
 
 def test_script_on_stories260k(tmp_path, stories_dir):
@@ -97,8 +110,20 @@ def test_script_on_stories260k(tmp_path, stories_dir):
     import sensitivity as script
 
     out = tmp_path / "sens"
-    code = script.main(["--preset", "stories260k", "--steps", "2", "--categories",
-                        "closed_qa,open_qa", "--r", "2", "--out", str(out)])
+    code = script.main(
+        [
+            "--preset",
+            "stories260k",
+            "--steps",
+            "2",
+            "--categories",
+            "closed_qa,open_qa",
+            "--r",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads((out / "sensitivity.json").read_text())
     assert len(data["modules"]) == 2 * 5  # q and v in 5 layers
@@ -106,5 +131,7 @@ def test_script_on_stories260k(tmp_path, stories_dir):
     assert (out / "sensitivity.png").stat().st_size > 0
     md = (out / "sensitivity.md").read_text()
     assert "| dir_A/dir_B |" in md and "| 1.7 |" in md
-    assert script.main(["--preset", "stories260k", "--categories", "closed_qa",
-                        "--out", str(out)]) == 2
+    assert (
+        script.main(["--preset", "stories260k", "--categories", "closed_qa", "--out", str(out)])
+        == 2
+    )

@@ -70,8 +70,11 @@ def init(key: Array, in_features: int, out_features: int, cfg: AdapterConfig) ->
     """
     k_a, k_b = jax.random.split(key)
     axis = _reduce_axis(cfg)
-    leaf = decompose(kaiming_uniform(k_a, (cfg.r, in_features), in_features),
-                     jnp.zeros((out_features, cfg.r), jnp.float32), cfg)
+    leaf = decompose(
+        kaiming_uniform(k_a, (cfg.r, in_features), in_features),
+        jnp.zeros((out_features, cfg.r), jnp.float32),
+        cfg,
+    )
     B_D = jax.random.normal(k_b, (out_features, cfg.r), jnp.float32)
     B_D = B_D / jnp.linalg.norm(B_D, axis=axis, keepdims=True)
     b_m = 0.0 if cfg.init == "default" else PAPER_LITERAL_B_MAGNITUDE
@@ -96,6 +99,7 @@ def delta_weight(leaf: Leaf, cfg: AdapterConfig) -> Array:
 
 
 KIND = register_kind(
-    AdapterKind(name="decomposed", init=init, apply=apply, delta_weight=delta_weight,
-                factors=factors)
+    AdapterKind(
+        name="decomposed", init=init, apply=apply, delta_weight=delta_weight, factors=factors
+    )
 )

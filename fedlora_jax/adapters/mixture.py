@@ -61,6 +61,4 @@ def delta_weight(leaf: Leaf, cfg: AdapterConfig) -> Array:
     )
 
 
-KIND = register_kind(
-    AdapterKind(name="mixture", init=init, apply=apply, delta_weight=delta_weight)
-)
+KIND = register_kind(AdapterKind(name="mixture", init=init, apply=apply, delta_weight=delta_weight))

@@ -37,7 +37,6 @@ _KEY_RX = re.compile(
 )
 
 
-
 def hf_module_name(path: str) -> str:
     """``layers.0.attn.q_proj`` -> ``model.layers.0.self_attn.q_proj`` (HF LlamaForCausalLM)."""
     _, i, group, name = path.split(".")

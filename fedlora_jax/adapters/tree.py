@@ -35,8 +35,13 @@ def module_shape(model_cfg: LlamaConfig, path: str) -> tuple[int, int]:
     dq = model_cfg.num_heads * model_cfg.head_dim
     dkv = model_cfg.num_kv_heads * model_cfg.head_dim
     shapes = {
-        "q_proj": (d, dq), "k_proj": (d, dkv), "v_proj": (d, dkv), "o_proj": (dq, d),
-        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        "q_proj": (d, dq),
+        "k_proj": (d, dkv),
+        "v_proj": (d, dkv),
+        "o_proj": (dq, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
     }
     return shapes[path.rsplit(".", 1)[-1]]
 
@@ -149,6 +154,7 @@ def label_tree(tree: Tree, rule: LabelRule) -> Tree:
     ``rule`` is a mapping from the leaf key (``"A"``, ``"B_M"``, ``"G"`` ...) to a label, or a
     function ``(module_path, key) -> label`` for per-module routing.
     """
+
     def label(path: str, key: str) -> str:
         if callable(rule):
             return rule(path, key)

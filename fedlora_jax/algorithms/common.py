@@ -24,8 +24,10 @@ Batch = Mapping[str, Array]  # one client's batches, leaves [steps, batch, seq]
 
 
 def _is_leaf(node: Any) -> bool:
-    return isinstance(node, Mapping) and bool(node) and not any(
-        isinstance(v, Mapping) for v in node.values()
+    return (
+        isinstance(node, Mapping)
+        and bool(node)
+        and not any(isinstance(v, Mapping) for v in node.values())
     )
 
 

@@ -47,9 +47,7 @@ def fedit(training: ClientTraining) -> Algorithm:
     ) -> tuple[PyTree, PyTree, dict[str, Array]]:
         return train_client(loss_fn, tx, base, payload, client_state, batches, key, labels)
 
-    def aggregate(
-        server: PyTree, uploads: PyTree, weights: Array, client_ids: Array
-    ) -> PyTree:
+    def aggregate(server: PyTree, uploads: PyTree, weights: Array, client_ids: Array) -> PyTree:
         return {"adapters": fedavg(uploads, weights)}
 
     def models(server: PyTree, client_states: PyTree) -> tuple[PyTree | None, PyTree | None]:

@@ -268,4 +268,3 @@ def fedlora_optimizer(
         Phase("personal", e_l, broadcast_personal, update_personal, None),
     )
     return Algorithm("fedlora_optimizer", init, phases, models)
-

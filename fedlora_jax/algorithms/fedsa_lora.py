@@ -60,16 +60,14 @@ def fedsa_lora(training: ClientTraining) -> Algorithm:
     ) -> tuple[PyTree, PyTree, dict[str, Array]]:
         params = merge_trees(payload, client_state["B"])
         rest = {k: v for k, v in client_state.items() if k != "B"}
-        params, rest, metrics = train_client(
-            loss_fn, tx, base, params, rest, batches, key, labels
-        )
+        params, rest, metrics = train_client(loss_fn, tx, base, params, rest, batches, key, labels)
         return select_keys(params, ("A",)), {**rest, "B": select_keys(params, ("B",))}, metrics
 
-    def aggregate(
-        server: PyTree, uploads: PyTree, weights: Array, client_ids: Array
-    ) -> PyTree:
-        seen = server["weights"].at[client_ids].set(
-            jnp.where(weights > 0, weights, server["weights"][client_ids])
+    def aggregate(server: PyTree, uploads: PyTree, weights: Array, client_ids: Array) -> PyTree:
+        seen = (
+            server["weights"]
+            .at[client_ids]
+            .set(jnp.where(weights > 0, weights, server["weights"][client_ids]))
         )
         return {"A": fedavg(uploads, weights), "weights": seen}
 

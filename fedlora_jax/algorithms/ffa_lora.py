@@ -64,9 +64,7 @@ def ffa_lora(training: ClientTraining) -> Algorithm:
 
         return train_client(loss_of_B, tx, base, payload["B"], client_state, batches, key, labels)
 
-    def aggregate(
-        server: PyTree, uploads: PyTree, weights: Array, client_ids: Array
-    ) -> PyTree:
+    def aggregate(server: PyTree, uploads: PyTree, weights: Array, client_ids: Array) -> PyTree:
         return {"a_key": server["a_key"], "B": fedavg(uploads, weights)}
 
     def models(server: PyTree, client_states: PyTree) -> tuple[PyTree | None, PyTree | None]:

@@ -45,9 +45,7 @@ def local_only(training: ClientTraining) -> Algorithm:
     ) -> tuple[PyTree, PyTree, dict[str, Array]]:
         params = client_state["adapters"]
         rest = {k: v for k, v in client_state.items() if k != "adapters"}
-        params, rest, metrics = train_client(
-            loss_fn, tx, base, params, rest, batches, key, labels
-        )
+        params, rest, metrics = train_client(loss_fn, tx, base, params, rest, batches, key, labels)
         return {}, {**rest, "adapters": params}, metrics
 
     def models(server: PyTree, client_states: PyTree) -> tuple[PyTree | None, PyTree | None]:

@@ -116,7 +116,9 @@ def num_rows(client_states: PyTree) -> int:
 def clients_mesh(num_devices: int) -> jax.sharding.Mesh:
     """A 1-D mesh named ``clients`` over the first ``num_devices`` devices."""
     return jax.make_mesh(
-        (num_devices,), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+        (num_devices,),
+        (MESH_AXIS,),
+        axis_types=(jax.sharding.AxisType.Auto,),
         devices=jax.devices()[:num_devices],
     )
 
@@ -141,9 +143,7 @@ def map_clients(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
         def chunked(base: PyTree, payload: PyTree, states: PyTree, batches: PyTree, keys: Array):
             if phase.per_client_broadcast:
                 xs = (payload, states, batches, keys)
-                return jax.lax.map(
-                    lambda x: update(base, *x), xs, batch_size=config.chunk_size
-                )
+                return jax.lax.map(lambda x: update(base, *x), xs, batch_size=config.chunk_size)
             xs = (states, batches, keys)
             return jax.lax.map(
                 lambda x: update(base, payload, *x), xs, batch_size=config.chunk_size
@@ -156,8 +156,11 @@ def map_clients(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
     sharded = P(MESH_AXIS)
     payload_spec = sharded if phase.per_client_broadcast else P()
     smapped = jax.shard_map(
-        vmapped, mesh=mesh, in_specs=(P(), payload_spec, sharded, sharded, sharded),
-        out_specs=sharded, check_vma=False,
+        vmapped,
+        mesh=mesh,
+        in_specs=(P(), payload_spec, sharded, sharded, sharded),
+        out_specs=sharded,
+        check_vma=False,
     )
 
     def over_mesh(base: PyTree, payload: PyTree, states: PyTree, batches: PyTree, keys: Array):
@@ -196,8 +199,15 @@ def _phase_core(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
     run_clients = map_clients(phase, config)
 
     def core(
-        base: PyTree, server: PyTree, clients: PyTree, ids: Array, batches: PyTree,
-        rng: Array, round_idx: Array, phase_idx: Array, sizes: Array,
+        base: PyTree,
+        server: PyTree,
+        clients: PyTree,
+        ids: Array,
+        batches: PyTree,
+        rng: Array,
+        round_idx: Array,
+        phase_idx: Array,
+        sizes: Array,
     ) -> tuple:
         k = ids.shape[0]
         key = jax.random.fold_in(jax.random.fold_in(rng, round_idx), phase_idx)
@@ -329,8 +339,11 @@ def run_round(
     if len(ids) == 0:
         raise ValueError(f"round {state.round}: no clients sampled")
     if config.backend == "shard_map" and len(ids) % jax.device_count():
-        log.info("shard_map: padding %d clients to a multiple of %d devices",
-                 len(ids), jax.device_count())
+        log.info(
+            "shard_map: padding %d clients to a multiple of %d devices",
+            len(ids),
+            jax.device_count(),
+        )
     metrics: dict[str, Any] = {"round": state.round, "clients": ids.tolist()}
     down = up = 0
     server, clients = state.server_state, state.client_states
@@ -345,17 +358,26 @@ def run_round(
         metrics.update(_host_metrics(phase, ids, phase_metrics, valid))
         metrics[f"{phase.name}/aggregated"] = bool(aggregated) if phase.aggregate else False
         if not valid.all():
-            log.warning("round %d phase %s: clients %s sent non-finite values; excluded",
-                        state.round, phase.name, ids[~valid].tolist())
+            log.warning(
+                "round %d phase %s: clients %s sent non-finite values; excluded",
+                state.round,
+                phase.name,
+                ids[~valid].tolist(),
+            )
         if phase.aggregate is not None and not aggregated:
-            log.warning("round %d phase %s: no valid client; server state kept",
-                        state.round, phase.name)
+            log.warning(
+                "round %d phase %s: no valid client; server state kept", state.round, phase.name
+            )
     if algorithm.pooled_data:
         down = up = 0  # one process holds the pooled data: nothing is communicated
     k = len(ids)
-    metrics.update({
-        "comm/down_bytes_per_client": down, "comm/up_bytes_per_client": up,
-        "comm/down_bytes": down * k, "comm/up_bytes": up * k,
-        "time_s": time.perf_counter() - start,
-    })
+    metrics.update(
+        {
+            "comm/down_bytes_per_client": down,
+            "comm/up_bytes_per_client": up,
+            "comm/down_bytes": down * k,
+            "comm/up_bytes": up * k,
+            "time_s": time.perf_counter() - start,
+        }
+    )
     return EngineState(server, clients, state.rng, state.round + 1), metrics

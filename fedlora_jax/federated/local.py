@@ -72,10 +72,15 @@ def make_loss_fn(training: ClientTraining) -> LossFn:
         base: PyTree, adapters: PyTree, batch: Mapping[str, Array], key: Array
     ) -> tuple[Array, dict[str, Array]]:
         logits = apply(
-            base, adapters, batch["tokens"], batch["attn_mask"],
-            cfg=training.model, adapter_cfg=training.adapter,
+            base,
+            adapters,
+            batch["tokens"],
+            batch["attn_mask"],
+            cfg=training.model,
+            adapter_cfg=training.adapter,
             dropout_key=key if use_dropout else None,
-            compute_dtype=dtype, remat=training.remat,
+            compute_dtype=dtype,
+            remat=training.remat,
         )
         nll, n_tokens = lm_loss(logits, batch["tokens"], batch["loss_mask"])
         loss = nll / jnp.maximum(n_tokens, 1)

@@ -134,8 +134,9 @@ def _as_dtype(dtype: DTypeLike) -> np.dtype | None:
     except TypeError:
         dt = None
     if dt is None or dt.name not in _ALLOWED_DTYPES:
-        raise ModelLoadError(f"dtype={dtype!r} is not supported; allowed: None (keep), "
-                             f"{', '.join(_ALLOWED_DTYPES)}")
+        raise ModelLoadError(
+            f"dtype={dtype!r} is not supported; allowed: None (keep), {', '.join(_ALLOWED_DTYPES)}"
+        )
     return dt
 
 
@@ -200,7 +201,8 @@ def _assemble(cfg: LlamaConfig, src: _Source, dtype: np.dtype | None) -> PyTree:
         del host
         used.update(names)
     extra = sorted(
-        n for n in present - used
+        n
+        for n in present - used
         if not _IGNORED.fullmatch(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
     )
     if extra:
@@ -334,7 +336,9 @@ def _hf_entries(folder: Path) -> dict[str, _Entry]:
     others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".gguf"))
     hint = (
         f" (found {others}; convert with scripts/convert_checkpoint.py for .gguf, or "
-        "re-save PyTorch .bin with transformers' save_pretrained)" if others else ""
+        "re-save PyTorch .bin with transformers' save_pretrained)"
+        if others
+        else ""
     )
     raise ModelNotFoundError(f"{folder}: found neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
 
@@ -354,8 +358,11 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, Any, bool, np.dtype]
     for name, get, transpose, dt in tensors:
         shape = get.shape[::-1] if transpose else get.shape
         nbytes = math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[dt],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns tensor data to 8 bytes
@@ -406,8 +413,9 @@ def save_hf_folder(
         if dt not in _ST_NAMES:
             raise ModelLoadError(f"base leaf {'/'.join(p.path)} has unsupported dtype {dt}")
         parts = [_LayerSlice(leaf, i) for i in range(cfg.num_layers)] if p.per_layer else [leaf]
-        tensors += [(n, x, p.transpose, dt) for n, x in zip(p.names(cfg.num_layers), parts,
-                                                             strict=True)]
+        tensors += [
+            (n, x, p.transpose, dt) for n, x in zip(p.names(cfg.num_layers), parts, strict=True)
+        ]
     shards = list(_split(tensors, max_shard_bytes))
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:

@@ -68,8 +68,14 @@ def _select(logits: Array, key: Array, temperature: float, top_p: float) -> Arra
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "cfg", "adapter_cfg", "max_new_tokens", "eos_ids", "temperature", "top_p",
-        "compute_dtype", "pad_id",
+        "cfg",
+        "adapter_cfg",
+        "max_new_tokens",
+        "eos_ids",
+        "temperature",
+        "top_p",
+        "compute_dtype",
+        "pad_id",
     ),
 )
 def _generate_jit(
@@ -97,8 +103,14 @@ def _generate_jit(
 
     def forward(tokens: Array, mask: Array, cache: dict) -> tuple[Array, dict]:
         logits, cache = apply_with_cache(
-            base, adapters, tokens, mask, cache,
-            cfg=cfg, adapter_cfg=adapter_cfg, compute_dtype=compute_dtype,
+            base,
+            adapters,
+            tokens,
+            mask,
+            cache,
+            cfg=cfg,
+            adapter_cfg=adapter_cfg,
+            compute_dtype=compute_dtype,
         )
         return logits[:, -1], cache
 
@@ -172,10 +184,17 @@ def generate(
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     return _generate_jit(
-        base, adapters, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+        base,
+        adapters,
+        jnp.asarray(prompt_tokens, jnp.int32),
+        jnp.asarray(prompt_mask, jnp.int32),
         jax.random.PRNGKey(0) if key is None else key,
-        cfg=cfg, adapter_cfg=adapter_cfg, max_new_tokens=int(max_new_tokens),
+        cfg=cfg,
+        adapter_cfg=adapter_cfg,
+        max_new_tokens=int(max_new_tokens),
         eos_ids=tuple(int(e) for e in (cfg.eos_ids if eos_ids is None else eos_ids)),
-        temperature=float(temperature), top_p=float(top_p),
-        compute_dtype=jnp.dtype(compute_dtype), pad_id=int(pad_id),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        compute_dtype=jnp.dtype(compute_dtype),
+        pad_id=int(pad_id),
     )

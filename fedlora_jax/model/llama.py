@@ -228,9 +228,17 @@ def _run_layers(
     layer_adapters = _layer_adapters(adapters, cfg)
     if any(layer_adapters) and adapter_cfg is None:
         raise ValueError("apply: adapters were given but adapter_cfg is None")
+
     def body(h: Array, lp: PyTree, la: PyTree, idx: Array, kv: Any) -> tuple[Array, Any]:
         return _layer(
-            h, lp, la, idx, kv, cfg=cfg, adapter_cfg=adapter_cfg, dropout_key=dropout_key,
+            h,
+            lp,
+            la,
+            idx,
+            kv,
+            cfg=cfg,
+            adapter_cfg=adapter_cfg,
+            dropout_key=dropout_key,
             **layer_kwargs,
         )
 
@@ -284,9 +292,18 @@ def hidden(
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     allowed = causal[None] & (attn_mask[:, None, :] > 0)
     h, _ = _run_layers(
-        base, adapters, _embed(base, tokens, compute_dtype), None,
-        cfg=cfg, adapter_cfg=adapter_cfg, dropout_key=dropout_key, remat=remat,
-        cos=cos, sin=sin, allowed=allowed, write_index=None,
+        base,
+        adapters,
+        _embed(base, tokens, compute_dtype),
+        None,
+        cfg=cfg,
+        adapter_cfg=adapter_cfg,
+        dropout_key=dropout_key,
+        remat=remat,
+        cos=cos,
+        sin=sin,
+        allowed=allowed,
+        write_index=None,
     )
     return rms_norm(h, base["norm"], cfg.rms_norm_eps)
 
@@ -308,8 +325,15 @@ def apply(
     ``dropout_key`` None = no adapter dropout (eval). ``remat`` checkpoints each layer.
     """
     h = hidden(
-        base, adapters, tokens, attn_mask, cfg=cfg, adapter_cfg=adapter_cfg,
-        dropout_key=dropout_key, compute_dtype=compute_dtype, remat=remat,
+        base,
+        adapters,
+        tokens,
+        attn_mask,
+        cfg=cfg,
+        adapter_cfg=adapter_cfg,
+        dropout_key=dropout_key,
+        compute_dtype=compute_dtype,
+        remat=remat,
     )
     return logits_from_hidden(base, h, cfg)
 
@@ -357,9 +381,18 @@ def apply_with_cache(
     causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
     allowed = causal[None] & (mask[:, None, :] > 0)
     h, (k, v) = _run_layers(
-        base, adapters, _embed(base, tokens, compute_dtype), (cache["k"], cache["v"]),
-        cfg=cfg, adapter_cfg=adapter_cfg, dropout_key=None, remat=False,
-        cos=cos, sin=sin, allowed=allowed, write_index=index,
+        base,
+        adapters,
+        _embed(base, tokens, compute_dtype),
+        (cache["k"], cache["v"]),
+        cfg=cfg,
+        adapter_cfg=adapter_cfg,
+        dropout_key=None,
+        remat=False,
+        cos=cos,
+        sin=sin,
+        allowed=allowed,
+        write_index=index,
     )
     logits = logits_from_hidden(base, rms_norm(h, base["norm"], cfg.rms_norm_eps), cfg)
     new_cache = {
@@ -383,7 +416,9 @@ def init_random_base(key: Array, cfg: LlamaConfig, dtype: jnp.dtype = jnp.float3
         "embed": (cfg.vocab_size, d),
         "layers": {
             "attn": {
-                "q_proj": (L, d, dq), "k_proj": (L, d, dkv), "v_proj": (L, d, dkv),
+                "q_proj": (L, d, dq),
+                "k_proj": (L, d, dkv),
+                "v_proj": (L, d, dkv),
                 "o_proj": (L, dq, d),
             },
             "mlp": {"gate_proj": (L, d, f), "up_proj": (L, d, f), "down_proj": (L, f, d)},
