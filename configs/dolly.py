@@ -26,9 +26,12 @@ def fedlora_optimizer(cfg: ConfigDict) -> ConfigDict:
 
 def default(cfg: ConfigDict) -> ConfigDict:
     """FedLoRA-Optimizer, evaluated after every round so results.md and metrics.png show a curve
-    (one evaluation of 8 test examples per client costs about 45 s on 2 cores)."""
+    (one evaluation of 8 test examples per client costs about 45 s on 2 cores). lr 2e-3: with
+    only 2 + 2 steps a round, 3e-4 leaves the adapters (and the generations) almost unchanged
+    (global loss 2.3152 -> 2.3138 over 3 rounds, against 2.3125 -> 2.2967 at 2e-3)."""
     cfg = fedlora_optimizer(cfg)
     cfg.eval.every = 1
+    cfg.optim.lr = 2e-3
     return cfg
 
 
