@@ -79,6 +79,14 @@ class DataConfig:
             )
         if self.num_clients == 0 and self.partition not in ("by_task", "by_column", "shepherd"):
             raise DataError("data.num_clients=0: only by_task/by_column/shepherd choose it")
+        if not isinstance(self.path, str):
+            raise DataError(f"data.path={self.path!r}: must be a file path or hub id (a string)")
+        if not isinstance(self.fields, Mapping):
+            raise DataError(f"data.fields={self.fields!r}: must map field names to columns")
+        if self.fields and self.source != "path":
+            raise DataError(
+                f"data.fields: only read with data.source='path' ({self.source} maps its own)"
+            )
         if self.partition == "by_column" and not dict(self.fields).get("group"):
             raise DataError("data.partition='by_column': set data.fields.group to the id column")
 

@@ -51,8 +51,12 @@ class ClientData:
 class FederatedData:
     """Everything a run needs from the data side.
 
-    ``drop_counts`` merges load-time drops and ``too_long`` (tokenisation); ``duplicates``
-    counts exact duplicate rows found at load. ``global_test`` is Shepherd's 80-row set.
+    ``drop_counts`` counts every row lost, once, by reason: load-time drops (bad rows by
+    reason, ``bad_gzip_tail`` for a damaged gzip tail, ``duplicate`` with dedupe), ``too_long``
+    (no fit within max_seq_len: out of training and evaluation) and ``too_long_prompt`` (a test
+    row whose full sequence fits but whose prompt does not fit max_prompt_len: out of
+    evaluation). ``duplicates`` counts exact duplicate rows found at load (kept unless dedupe).
+    ``global_test`` is Shepherd's 80-row set.
     """
 
     clients: list[ClientData]
@@ -139,8 +143,6 @@ def prepare_federated_data(
         dedupe=cfg.dedupe,
         verbose=verbose,
     )
-    if not loaded.examples:
-        raise DataError(f"{loaded.source}: no valid rows")
     examples = _include(cfg.include, loaded.examples)
     parts, global_rows = _partition(cfg, examples)
     splits = [
@@ -158,7 +160,7 @@ def prepare_federated_data(
         "min_instruction_tokens": cfg.min_instruction_tokens,
     }
     full, drops_full = tokenize_examples(examples, tokenizer, max_seq_len=cfg.max_seq_len, **tok)
-    prompts, drops_prompt = tokenize_examples(
+    prompts, _ = tokenize_examples(
         examples,
         tokenizer,
         max_seq_len=cfg.max_prompt_len or cfg.max_seq_len,
@@ -181,12 +183,15 @@ def prepare_federated_data(
         clients.append(ClientData(k, f"client_{k}", train.row_ids, train, eval_split(test_rows)))
     drops = collections.Counter(loaded.drop_counts)
     drops["too_long"] += drops_full.get("too_long", 0)
-    drops["too_long_prompt"] += drops_prompt.get("too_long", 0)
+    # Eval rows lost only to their prompt (the rest are in too_long already): each lost row once.
+    fit_eval = np.intersect1d(np.unique(eval_rows), full.row_ids)
+    drops["too_long_prompt"] += len(np.setdiff1d(fit_eval, prompts.row_ids))
     drop_counts = {k: v for k, v in drops.items() if v}
-    if verbose and (drops_full or drops_prompt):
+    if verbose and (drops["too_long"] or drops["too_long_prompt"]):
         print(
-            f"[data] tokenisation dropped {drops['too_long']} rows (and "
-            f"{drops['too_long_prompt']} eval prompts) longer than max_seq_len={cfg.max_seq_len}"
+            f"[data] tokenisation dropped {drops['too_long']} rows longer than "
+            f"max_seq_len={cfg.max_seq_len} and {drops['too_long_prompt']} test rows whose "
+            f"prompt is longer than max_prompt_len={cfg.max_prompt_len or cfg.max_seq_len}"
         )
     categories = np.array([ex.category for ex in examples])
     return FederatedData(

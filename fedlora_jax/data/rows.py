@@ -39,10 +39,13 @@ class LoadResult:
 
     ``drop_counts`` counts dropped rows per reason (only under ``on_bad_row="drop"``, plus
     ``duplicate`` when ``dedupe=True``); ``duplicates`` counts exact duplicate rows found (a row
-    equal to an earlier one), whether or not they were dropped.
+    equal to an earlier one), whether or not they were dropped. ``first_problem`` is
+    ``file:line: problem`` of the first dropped bad row ("" when none), so a load that keeps no
+    row can say why.
     """
 
     examples: list[Example]
     drop_counts: dict[str, int]
     duplicates: int
     source: str
+    first_problem: str = ""
