@@ -161,6 +161,15 @@ def test_utf16_without_byte_order_mark_is_named(tmp_path, lines):
     )
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
+def test_gzip_data_not_named_gz_is_named(tmp_path, lines, suffix):
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(gzip.compress(jsonl_bytes(lines)))
+    assert one_line_error(path, on_bad_row="drop").startswith(
+        f"{path}: gzip-compressed but not named .gz"
+    )
+
+
 def test_utf8_byte_order_mark_is_read(tmp_path, lines):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_bytes(codecs.BOM_UTF8 + jsonl_bytes(lines))

@@ -73,13 +73,18 @@ def _open(path: pathlib.Path) -> IO[bytes]:
 
 
 def _utf8_start(path: pathlib.Path, first_line: bytes) -> bytes:
-    """Line 1 without a UTF-8 byte-order mark; UTF-16/32 (by its mark, or by NUL bytes) refused."""
+    """Line 1 without a UTF-8 byte-order mark; UTF-16/32 (by its mark, or by NUL bytes) and
+    gzip data in a file not named .gz are refused by name."""
     for bom, name in _BOMS:
         if first_line.startswith(bom):
             raise DataError(
                 f"{path}: encoded as {name} (byte-order mark found); convert it to UTF-8, "
                 f"e.g. iconv -f {name} -t UTF-8"
             )
+    if first_line.startswith(b"\x1f\x8b"):
+        raise DataError(
+            f"{path}: gzip-compressed but not named .gz; decompress it (or name a jsonl .jsonl.gz)"
+        )
     if b"\x00" in first_line:
         raise DataError(
             f"{path}:1: NUL bytes: UTF-16/32 without a byte-order mark, or not a text file; "
