@@ -36,7 +36,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax.optim.galore import Side
+from fedlora_jax.optim.galore import Side, thin_svd
 
 Array = jax.Array
 SyncMethod = Literal["ajive", "mean"]
@@ -81,7 +81,7 @@ def joint_basis(
     k, r, n = projs.shape
     w = _normalised(weights)
     stacked = (projs * jnp.sqrt(w)[:, None, None]).reshape(k * r, n).T  # [n, K r]
-    u, sigma, _ = jnp.linalg.svd(stacked.astype(jnp.float32), full_matrices=False)
+    u, sigma, _ = thin_svd(stacked)  # not jnp.linalg.svd: see galore.thin_svd (CPU deadlock)
     s2 = jnp.square(sigma[:r])
     keep = s2 >= (threshold if method == "ajive" else _TINY)
     return (u[:, :r] * keep).T, jnp.where(keep, s2, 0.0)

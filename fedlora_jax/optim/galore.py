@@ -71,9 +71,59 @@ def _rank_of(proj: Array, side: Side) -> int:
     return proj.shape[-2] if side == "right" else proj.shape[-1]
 
 
+# Why every SVD here goes through ``thin_svd``: on XLA:CPU, jaxlib 0.10's batched LAPACK kernels
+# (``lapack_sgesdd_ffi`` -> ``jax::ParallelBatchMap``) split a batch whose cost is above ~2e5 FLOP
+# into chunks, schedule them on XLA's intra-op Eigen thread pool and then block the calling thread
+# in ``BlockingCounter::Wait`` until they finish. The calling thread is itself a worker of that
+# pool (the thunk executor runs custom calls there). A FedGaLore round has independent batched
+# SVDs, one per adapter leaf (q: [clients*layers, 64, 64], v: [clients*layers, 64, 32] for
+# stories260K), which the executor runs concurrently. Once as many of them as the pool has threads
+# (two on a 2-core machine; the pool is sized from the CPU affinity) have scheduled their chunks
+# and wait, no worker is left to run a chunk: a deadlock with every thread idle in a condition
+# wait (gdb: both pool threads in SingularValueDecompositionKernel -> ParallelBatchMap ->
+# BlockingCounter::Wait). A batch of one matrix never leaves the calling thread (ParallelBatchMap
+# runs it inline), so on CPU the SVDs are taken one matrix per LAPACK call, in a loop; a vmap of
+# that loop would batch its body again, hence the custom_vmap rule that folds the mapped axis into
+# the loop instead. Upstream later compiled the parallel path out of open-source builds
+# (jax-ml/jax commit 859992407d, issue 36927); until we require such a jaxlib this stays.
+
+
+def _svd_rows(x: Array) -> tuple[Array, Array, Array]:
+    """Thin SVD of [..., m, n], one m x n matrix per LAPACK call (a sequential loop)."""
+    lead, (m, n) = x.shape[:-2], x.shape[-2:]
+    u, s, vh = jax.lax.map(lambda a: jnp.linalg.svd(a, full_matrices=False), x.reshape((-1, m, n)))
+    return (
+        u.reshape(lead + u.shape[1:]),
+        s.reshape(lead + s.shape[1:]),
+        vh.reshape(lead + vh.shape[1:]),
+    )
+
+
+@jax.custom_batching.custom_vmap
+def _svd_unbatched(x: Array) -> tuple[Array, Array, Array]:
+    """``_svd_rows`` that stays a loop of single-matrix SVDs under any number of vmaps."""
+    return _svd_rows(x)
+
+
+@_svd_unbatched.def_vmap
+def _svd_unbatched_vmap(axis_size: int, in_batched: list[bool], x: Array):
+    if not in_batched[0]:
+        x = jnp.broadcast_to(x, (axis_size, *x.shape))
+    return _svd_unbatched(x), (True, True, True)
+
+
+def thin_svd(x: Array) -> tuple[Array, Array, Array]:
+    """``jnp.linalg.svd(x, full_matrices=False)`` for any leading axes, vmap included, without
+    the XLA:CPU thread-pool deadlock described above (other platforms keep the batched call)."""
+    x = x.astype(jnp.float32)
+    return jax.lax.platform_dependent(
+        x, cpu=_svd_unbatched, default=lambda a: tuple(jnp.linalg.svd(a, full_matrices=False))
+    )
+
+
 def svd_projector(grad: Array, rank: int, side: Side) -> Array:
     """Orthonormal rank-r projector from the gradient's SVD (right: r x n rows; left: m x r)."""
-    u, _, vh = jnp.linalg.svd(grad.astype(jnp.float32), full_matrices=False)
+    u, _, vh = thin_svd(grad)
     return vh[..., :rank, :] if side == "right" else u[..., :, :rank]
 
 
