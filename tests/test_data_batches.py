@@ -170,8 +170,8 @@ def test_prepare_federated_data(small_dolly, tok):
     ]
 
 
-def test_prepare_by_task_with_alias(tmp_path, tok, shared_data):
-    lines = (shared_data / "natural-instructions/ni_v1_16tasks.jsonl").read_text().splitlines()
+def test_prepare_by_task_with_alias(tmp_path, tok, read_shipped_lines):
+    lines = read_shipped_lines("natural_instructions/ni_v1_16tasks.jsonl.gz")
     per_task = collections.defaultdict(list)
     for line in lines:
         per_task[json.loads(line)["task"]].append(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -21,6 +22,9 @@ from fedlora_jax.data import (
     train_test_split,
 )
 from fedlora_jax.data.partition import allocate_category
+
+# sha256 of Shepherd's split file as published with the data (its README), not computed here.
+SHEPHERD_SPLIT_SHA256 = "6ba32a88ce0aa8b4179efb5901db4e5e5ce2ab7e08ce8f8a6af7f57f3a41defb"
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +117,12 @@ def test_dirichlet_min_size_and_skew(categories):
         dirichlet(categories, 8, alpha=0.5, min_size=5000, seed=0)
 
 
-def test_shepherd_reproduced_row_for_row(shared_data, dolly):
+def test_shepherd_reproduced_row_for_row(resources, read_shipped_lines, dolly):
     clients, global_test = shepherd(np.array([e.source_line for e in dolly]))
-    lines = (shared_data / "dolly/databricks-dolly-15k.jsonl").read_text().splitlines()
-    ranges = json.loads((shared_data / "dolly/shepherd_10client_split.json").read_text())["ranges"]
+    lines = read_shipped_lines("dolly/databricks-dolly-15k.jsonl.gz")
+    split = (resources / "data/dolly/shepherd_10client_split.json").read_bytes()
+    assert hashlib.sha256(split).hexdigest() == SHEPHERD_SPLIT_SHA256
+    ranges = json.loads(split)["ranges"]
     want = {r["split"]: lines[r["start"] : r["end"]] for r in ranges}
     sizes = [1493, 1493, 1493, 1492, 1493, 1493, 1493, 1493, 1494, 1494]  # the README's counts
     assert [len(c) for c in clients] == sizes and len(global_test) == 80

@@ -6,11 +6,14 @@ import collections
 import gzip
 import hashlib
 import json
+import pathlib
 
 import pytest
 
 from fedlora_jax.data import DataError, load_dolly, load_instructions, load_natural_instructions
 from fedlora_jax.data.sources import resource_path
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
 DOLLY_SHA256 = "8d45df5f85d0dd6ce5d481475b3546a1b7d2def22e98e8837a7edbc9af85dfbb"
 NI16_SHA256 = "395791540d8b4a28f35200589baa3084828cdc3d7e63def46194c70a8b308745"
@@ -61,13 +64,12 @@ def test_dolly_dedupe_drops_exactly_the_duplicates(dolly):
     assert len(keys) == 15011 - 8
 
 
-def test_ni_shipped_subset(shared_data):
+def test_ni_shipped_subset(read_shipped_lines):
     ni = load_natural_instructions(verbose=False)
     assert len(ni.examples) == 4644
     assert len({e.group for e in ni.examples}) == 16
     assert len({e.category for e in ni.examples}) == 6
-    text = (shared_data / "natural-instructions/ni_v1_16tasks.jsonl").read_text()
-    raw = [json.loads(x) for x in text.splitlines()]
+    raw = [json.loads(x) for x in read_shipped_lines("natural_instructions/ni_v1_16tasks.jsonl.gz")]
     for e, r in zip(ni.examples[::500], raw[::500], strict=True):
         assert (e.instruction, e.context, e.response, e.group) == (
             r["definition"],
@@ -78,12 +80,27 @@ def test_ni_shipped_subset(shared_data):
         assert e.references == tuple(r["outputs"])
 
 
-def test_ni_48_task_file_by_path(shared_data):
-    ni = load_natural_instructions(
-        str(shared_data / "natural-instructions/ni_v1_48tasks_cap300.jsonl"), verbose=False
-    )
-    assert len(ni.examples) == 13714
+def test_ni_48_task_file_by_path(read_shipped_lines):
+    """A user's NI file by path: two rows of each of the 48 v1 tasks (tests/fixtures/README.md);
+    a superset of the shipped 16 tasks."""
+    path = FIXTURES / "ni_v1_48tasks_2each.jsonl"
+    ni = load_natural_instructions(str(path), verbose=False)
+    raw = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(ni.examples) == len(raw) == 96
     assert len({e.group for e in ni.examples}) == 48
+    for e, r in zip(ni.examples, raw, strict=True):
+        assert (e.instruction, e.context, e.response, e.group, e.category) == (
+            r["definition"],
+            r["input"],
+            r["output"],
+            r["task"],
+            r["category"],
+        )
+    shipped = {
+        json.loads(x)["task"]
+        for x in read_shipped_lines("natural_instructions/ni_v1_16tasks.jsonl.gz")
+    }
+    assert len(shipped) == 16 and shipped < {e.group for e in ni.examples}
 
 
 def test_ni_task_folder_v1_and_v2(tmp_path):

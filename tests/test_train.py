@@ -173,10 +173,10 @@ def test_train_script_prints_one_line_errors(capsys, tmp_path: pathlib.Path) -> 
     assert "not found" in capsys.readouterr().err
 
 
-def test_train_script_smoke_subprocess(shared_data: pathlib.Path, tmp_path: pathlib.Path) -> None:
+def test_train_script_smoke_subprocess(read_shipped_lines, tmp_path: pathlib.Path) -> None:
     """The CLI end to end, on the first 200 real Dolly rows (tokenising all 15k rows would
     double this test's time; the in-process runs above use the full set)."""
-    rows = (shared_data / "dolly" / "databricks-dolly-15k.jsonl").read_text().splitlines()[:200]
+    rows = read_shipped_lines("dolly/databricks-dolly-15k.jsonl.gz")[:200]
     subset = tmp_path / "dolly200.jsonl"
     subset.write_text("\n".join(rows) + "\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
