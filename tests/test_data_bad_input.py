@@ -133,6 +133,20 @@ def test_invalid_utf8_byte_is_a_countable_bad_row(tmp_path, lines, where):
     assert rows_in(dropped) == rows_of(lines[: bad - 1] + lines[bad:])
 
 
+def test_json_escaped_lone_surrogate_is_a_bad_row(tmp_path, lines):
+    # Valid JSON, but not text: the tokenizer would fail on it with a TypeError mid-run.
+    path = tmp_path / "rows.jsonl"
+    row = {**json.loads(lines[1]), "response": "half a pair: \ud83d"}
+    path.write_text(f"{lines[0]}\n{json.dumps(row)}\n")
+    assert '"half a pair: \\ud83d"' in path.read_text()  # written as an escape, valid JSON
+    message = one_line_error(path)
+    assert message.startswith(
+        f"{path}:2: field 'response' is not valid UTF-8 (lone surrogate U+D83D"
+    )
+    assert "U+D83D at character 14 of it)" in message
+    assert load(path, on_bad_row="drop").drop_counts == {"bad_encoding": 1}
+
+
 @pytest.mark.parametrize(
     ("codec", "name"),
     [("utf-16", "UTF-16LE"), ("utf-16-be", None), ("utf-32", "UTF-32LE")],
