@@ -336,9 +336,12 @@ def test_path_mistakes_are_one_line(tmp_path):
     assert one_line_error(parquet).startswith(f"{parquet}: not a valid parquet file (")
 
 
-def test_data_fields_mistakes_name_the_key(tmp_path):
+def test_data_path_and_fields_mistakes_name_the_key(tmp_path):
     with pytest.raises(DataError, match=r"^data\.fields: only read with data\.source='path'"):
         DataConfig(source="dolly", fields={"response": "output"})
+    with pytest.raises(DataError, match=r"^data\.path=3: must be a file path or hub id"):
+        DataConfig(source="path", path=3)
+    assert DataConfig(source="path", path=tmp_path / "x.jsonl").path == str(tmp_path / "x.jsonl")
     with pytest.raises(DataError, match=r"^data\.fields\.response=3: must be a column name"):
         load_source("path", str(tmp_path / "x.jsonl"), fields={"response": 3})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,8 +80,9 @@ class DataConfig:
             )
         if self.num_clients == 0 and self.partition not in ("by_task", "by_column", "shepherd"):
             raise DataError("data.num_clients=0: only by_task/by_column/shepherd choose it")
-        if not isinstance(self.path, str):
+        if not isinstance(self.path, str | os.PathLike):
             raise DataError(f"data.path={self.path!r}: must be a file path or hub id (a string)")
+        object.__setattr__(self, "path", os.fspath(self.path))
         if not isinstance(self.fields, Mapping):
             raise DataError(f"data.fields={self.fields!r}: must map field names to columns")
         if self.fields and self.source != "path":
