@@ -61,8 +61,8 @@ def make_loss_fn(training: ClientTraining) -> LossFn:
     The key drives adapter dropout only when ``training.adapter.dropout > 0``. A batch without a
     single loss token gives loss 0 (not NaN) so such a step is a no-op rather than a poison pill.
     """
-    from fedlora_jax.model.llama import apply
-    from fedlora_jax.model.loss import lm_loss
+    from fedlora_jax.model.llama import hidden
+    from fedlora_jax.model.loss import lm_loss_from_hidden
 
     validate_training(training)
     dtype = jnp.dtype(training.compute_dtype)
@@ -71,7 +71,7 @@ def make_loss_fn(training: ClientTraining) -> LossFn:
     def loss_fn(
         base: PyTree, adapters: PyTree, batch: Mapping[str, Array], key: Array
     ) -> tuple[Array, dict[str, Array]]:
-        logits = apply(
+        h = hidden(
             base,
             adapters,
             batch["tokens"],
@@ -82,7 +82,9 @@ def make_loss_fn(training: ClientTraining) -> LossFn:
             compute_dtype=dtype,
             remat=training.remat,
         )
-        nll, n_tokens = lm_loss(logits, batch["tokens"], batch["loss_mask"])
+        nll, n_tokens = lm_loss_from_hidden(
+            base, h, batch["tokens"], batch["loss_mask"], cfg=training.model
+        )
         loss = nll / jnp.maximum(n_tokens, 1)
         return loss, {"loss": loss, "tokens": n_tokens}
 
