@@ -116,11 +116,11 @@ def _loss_fn(cfg: LlamaConfig, adapter_cfg: AdapterConfig | None, compute_dtype:
     """(base, adapters, tokens, attn_mask, loss_mask) [B,S] -> per-example (sum_nll, n_tokens)."""
 
     def example_nll(base: PyTree, adapters: PyTree, tokens, attn_mask, loss_mask):
-        logits = llama.apply(
+        h = llama.hidden(
             base, adapters, tokens, attn_mask,
             cfg=cfg, adapter_cfg=adapter_cfg, compute_dtype=compute_dtype,
         )  # fmt: skip
-        return loss.sequence_nll(logits, tokens, loss_mask)
+        return loss.sequence_nll_from_hidden(base, h, tokens, loss_mask, cfg=cfg)
 
     return jax.jit(example_nll)
 
