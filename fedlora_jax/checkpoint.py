@@ -2,15 +2,33 @@
 
 A step has two items: ``state`` (any pytree of arrays: server state, every client's persistent
 state, optimizer states, the RNG key; orbax ``StandardSave``) and ``meta`` (JSON: round, metric
-history, data-order state). Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames
-it when complete, so an interrupted save leaves the previous step intact. ``latest_step`` only
-trusts steps that orbax finalized (its commit marker and step metadata exist), so a partial step
-directory left by a copy or a non-atomic filesystem is skipped, and moved aside on resume.
+history, and the run's ``identity``, e.g. algorithm, adapter kind and rank, so that a checkpoint
+restored into another config is named in one line instead of an orbax tree dump).
+
+Saves are asynchronous: ``save`` returns once the arrays are copied off the device and orbax
+writes them in a background thread while the next round trains; ``wait``/``close`` (and the next
+``save``) block on it and report a failed write as one ``CheckpointError`` naming the step.
+``save`` first checks that the filesystem has room for the step.
+
+Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so an
+interrupted save leaves the previous step intact. ``latest_step`` only trusts steps that orbax
+finalized (its commit marker and step metadata exist), so a partial step directory left by a copy
+or a non-atomic filesystem is skipped, and moved aside on resume. A finalized step that cannot be
+read (e.g. a truncated data file) is skipped with a warning when restoring the latest step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
+import logging
+import os
 import pathlib
+import re
+import shutil
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -19,17 +37,46 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+log = logging.getLogger(__name__)
 
 _FINAL_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 _ITEMS = ("state", "meta")
+_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read, or does not belong to this config (one line)."""
+
+
+class _OrbaxErrorFilter(logging.Filter):
+    """Drops orbax's background-thread error tracebacks: ``Checkpointer`` re-raises each failure
+    as one ``CheckpointError`` line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_ORBAX_FILTER = _OrbaxErrorFilter()
 
 
 class Checkpointer:
-    """``CheckpointManager`` over ``directory`` keeping the newest ``keep`` complete rounds."""
+    """``CheckpointManager`` over ``directory`` keeping the newest ``keep`` complete rounds.
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int = 2) -> None:
+    ``identity`` (JSON scalars, e.g. algorithm, adapter kind, rank) is stored in every step's
+    meta and compared on restore."""
+
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        keep: int = 2,
+        identity: dict[str, Any] | None = None,
+    ) -> None:
         self.directory = pathlib.Path(directory).resolve()
         self._keep = keep
+        self._identity = identity
+        self._pending: tuple[int, int] | None = None  # (step, bytes) being written
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -38,14 +85,37 @@ class Checkpointer:
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """Start saving ``state`` and ``meta`` as ``step`` (asynchronous; see ``wait``)."""
+        self.wait()
+        storable = _storable(state)
+        if self._identity is not None:
+            meta = {**meta, "identity": self._identity}
+        need = _nbytes(storable) + len(json.dumps(meta))
+        self._check_free(need, f"checkpoint {self._step_dir(step)}")
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_storable(state)), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(storable), meta=ocp.args.JsonSave(meta)
         )
-        self._manager.save(step, args=args, force=True)
+        self._pending = (step, need)
+        with self._reporting():
+            self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
         """Block until the last save is finalized on disk."""
-        self._manager.wait_until_finished()
+        with self._reporting():
+            self._manager.wait_until_finished()
+        self._pending = None
+
+    def ensure_space(self, state: PyTree, copies: int) -> None:
+        """Raise ``CheckpointError`` unless the filesystem has room for ``copies`` checkpoints of
+        ``state`` (e.g. at the start of a run, rather than failing in a later round)."""
+        self._check_free(copies * _nbytes(_storable(state)), f"{copies} checkpoints in")
+
+    def _check_free(self, need: int, what: str) -> None:
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            where = what if what.startswith("checkpoint ") else f"{what} {self.directory}"
+            raise CheckpointError(
+                f"{where}: need {_mb(need)} of free space, only {_mb(free)} free{self._intact()}"
+            )
 
     def complete_steps(self) -> list[int]:
         """Steps orbax finalized, oldest first."""
@@ -56,47 +126,177 @@ class Checkpointer:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
+    def check_identity(self, step: int | None = None) -> None:
+        """Raise ``CheckpointError`` if ``step`` (default: the latest complete one) was saved by a
+        run of another identity; a step saved without one passes (its restore reports a
+        mismatch)."""
+        step = self._existing(step)
+        saved = self._read_meta(step).get("identity")
+        if self._identity is not None and saved is not None and saved != self._identity:
+            raise CheckpointError(
+                f"{self._step_dir(step)}: the checkpoint holds {_describe(saved)}; the config "
+                f"asks for {_describe(self._identity)}"
+            )
+
     def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
         """Restore ``step`` (default: the latest complete one) into the structure of ``like``.
 
-        Incomplete step directories newer than it are renamed ``<step>.incomplete`` so that the
-        resumed run can save those rounds again.
+        Without ``step``, a latest step that cannot be read falls back to the previous one with a
+        warning, and is renamed ``<step>.damaged``; incomplete step directories newer than the
+        restored one are renamed ``<step>.incomplete``. Either way the resumed run can save
+        those rounds again.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        candidates = [self._existing(step)] if step is not None else self.complete_steps()[::-1]
+        if not candidates:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to resume from")
-        if step not in self.complete_steps():
+        failures: list[str] = []
+        for s in candidates:
+            self.check_identity(s)
+            try:
+                state, meta = self._restore(s, like)
+            except ValueError as e:
+                failures.append(f"{self._step_dir(s)} ({_brief(e)})")
+                _collect_orbax_leftovers()
+                continue
+            for bad in failures:
+                log.warning("checkpoint %s is unreadable; resumed from round %d instead", bad, s)
+            self._set_aside(after=s, damaged=candidates[: len(failures)])
+            return state, meta
+        hint = (
+            "" if self._identity is None else f" (the config asks for {_describe(self._identity)})"
+        )
+        raise CheckpointError(
+            f"no checkpoint could be restored into the state this config builds{hint}: "
+            + "; ".join(failures)
+        )
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        except CheckpointError:
+            self._close_quietly()
+            raise
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(CheckpointError):  # an error is already on its way
+            self.close()
+
+    def _existing(self, step: int | None) -> int:
+        steps = self.complete_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"{self.directory}: no complete checkpoint to resume from")
+            return steps[-1]
+        if step not in steps:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint for round {step}")
-        if self._set_aside_incomplete(after=step):
-            self._manager.close()
-            self._manager = self._open()
+        return step
+
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except ValueError:
+            return {}  # unreadable: ``restore`` names it
+        return dict(meta.meta or {})
+
+    def _restore(self, step: int, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(_storable(like)), meta=ocp.args.JsonRestore()
         )
         out = self._manager.restore(step, args=args)
         return _like(out.state, like), dict(out.meta)
 
-    def close(self) -> None:
-        self.wait()
-        self._manager.close()
-
-    def __enter__(self) -> Checkpointer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
-    def _set_aside_incomplete(self, after: int) -> bool:
+    def _set_aside(self, after: int, damaged: list[int]) -> None:
         moved = False
         for step in self._manager.all_steps():
             path = self._step_dir(step)
-            if step > after and path.exists() and not _is_complete(path):
+            if step in damaged:
+                path.rename(path.with_name(f"{step}.damaged"))
+                moved = True
+            elif step > after and path.exists() and not _is_complete(path):
                 path.rename(path.with_name(f"{step}.incomplete"))
                 moved = True
-        return moved
+        if moved:
+            self._manager.close()
+            self._manager = self._open()
+
+    @contextlib.contextmanager
+    def _reporting(self) -> Iterator[None]:
+        """Turn an orbax write failure (raised on this thread by ``save``/``wait``, possibly for
+        the previous step) into one ``CheckpointError`` naming the step and the space it needs."""
+        try:
+            yield
+        except (ValueError, OSError) as e:
+            if isinstance(e, CheckpointError) or self._pending is None:
+                raise
+            (step, need), self._pending = self._pending, None
+            free = shutil.disk_usage(self.directory).free
+            raise CheckpointError(
+                f"checkpoint {self._step_dir(step)} could not be written: {_reason(e)}; it needs "
+                f"about {_mb(need)} of free space, {_mb(free)} free{self._intact()}"
+            ) from None
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(ValueError, OSError):  # the failed save, already reported
+            self._manager.close()
+
+    def _intact(self) -> str:
+        steps = [s for s in self._manager.all_steps() if _is_complete(self._step_dir(s))]
+        return f"; checkpoint {self._step_dir(max(steps))} is intact" if steps else ""
+
+
+def _collect_orbax_leftovers() -> None:
+    """A failed orbax read leaves coroutines unfinished; collected later, each prints an
+    "Exception ignored in: <coroutine ...>" dump. Collect them now, without the dumps (the
+    caller reports the failure in one line)."""
+    hook = sys.unraisablehook
+
+    def quiet(u: Any) -> None:
+        code = getattr(u.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            hook(u)
+
+    sys.unraisablehook = quiet
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in identity.items())
+
+
+def _nbytes(tree: PyTree) -> int:
+    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _reason(e: BaseException) -> str:
+    """The OS reason inside an orbax/tensorstore error, else its gist (see ``_brief``)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} (errno {e.errno})"
+    m = _OS_ERROR.search(str(e))
+    return f"{os.strerror(int(m.group(1)))} (errno {m.group(1)})" if m else _brief(e)
+
+
+def _brief(e: BaseException) -> str:
+    """The last two clauses of an orbax/tensorstore message's first line (the innermost cause,
+    e.g. the file and byte range), without tensorstore's JSON spec."""
+    line = (str(e).splitlines() or [type(e).__name__])[0].split(" [tensorstore_spec")[0]
+    return ": ".join(line.split(": ")[-2:]).split(". ")[0]
 
 
 def _is_complete(step_dir: pathlib.Path) -> bool:

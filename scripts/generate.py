@@ -51,6 +51,19 @@ def encode(tokenizer: Any, prompts: list[str], chat: bool) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def check_positions(ids: list[list[int]], max_new_tokens: int, positions: int) -> None:
+    """Refuse prompts whose tokens plus ``max_new_tokens`` exceed the model's positions: past
+    ``max_position_embeddings`` the model was never trained and the output is meaningless."""
+    for i, row in enumerate(ids):
+        if len(row) + max_new_tokens > positions:
+            which = f"--prompt #{i + 1}" if len(ids) > 1 else "--prompt"
+            raise ValueError(
+                f"{which} is {len(row)} tokens; with --max-new-tokens {max_new_tokens} that "
+                f"exceeds the model's {positions} positions (max_position_embeddings): shorten "
+                "the prompt or lower --max-new-tokens"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax  # deferred so --help is instant
@@ -70,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if tok.eos_token_id is not None:
             eos.add(tok.eos_token_id)
         pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
-        tokens, mask = left_pad(encode(tok, args.prompt, args.chat), pad_id=pad)
+        ids = encode(tok, args.prompt, args.chat)
+        check_positions(ids, args.max_new_tokens, model.cfg.max_position_embeddings)
+        tokens, mask = left_pad(ids, pad_id=pad)
         new, lengths = generate(
             model.base,
             adapters,

@@ -122,7 +122,13 @@ def load_peft(
     for f in (cfg_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: not found (a PEFT adapter folder needs {f.name})")
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    missing = [k for k in ("r", "lora_alpha") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(f"{cfg_file}: not a PEFT LoRA config (no {', '.join(missing)})")
     _check_supported(config, cfg_file)
     r = int(config["r"])
     tree: Tree = {}
