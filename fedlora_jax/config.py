@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("layer", "dots_saveable"),
     "federated.backend": ("vmap", "chunked", "shard_map"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.optimizer_state": ("fresh", "persistent"),
@@ -76,6 +77,9 @@ def base_config() -> ConfigDict:
             "dtype": "float32",  # storage dtype of the frozen base weights
             "compute_dtype": "float32",
             "remat": False,
+            # what a rematerialised layer keeps (model.remat = True): "layer" = nothing inside
+            # the layer, "dots_saveable" = matmul outputs (docs/model.md, measured effect)
+            "remat_policy": "layer",
         }
     )
     c.adapter = ConfigDict(
@@ -123,6 +127,7 @@ def base_config() -> ConfigDict:
             "batch_size": 4,
             "backend": "vmap",
             "chunk_size": 2,  # clients per lax.map step for the chunked backend
+            "packing": True,  # several examples per row (data.batches.packed_round_batches)
         }
     )
     c.optim = ConfigDict(

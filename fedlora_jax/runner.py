@@ -30,7 +30,12 @@ from fedlora_jax.adapters.base import AdapterConfig
 from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase
 from fedlora_jax.checkpoint import Checkpointer
 from fedlora_jax.config import ConfigError
-from fedlora_jax.data.batches import client_round_batches, stack_clients
+from fedlora_jax.data.batches import (
+    client_round_batches,
+    packed_round_batches,
+    packing_efficiency,
+    stack_clients,
+)
 from fedlora_jax.data.pipeline import FederatedData, prepare_federated_data
 from fedlora_jax.data.tokenize import TokenizedSet
 from fedlora_jax.eval.harness import EvalExample, evaluate, from_tokenized
@@ -92,7 +97,7 @@ def client_training(cfg: ConfigDict, model_cfg: LlamaConfig) -> ClientTraining:
         grad_clip=o.grad_clip,
         optimizer_state=o.optimizer_state,
         compute_dtype=cfg.model.compute_dtype,
-        remat=cfg.model.remat,
+        remat=cfg.model.remat and cfg.model.remat_policy,
     )
 
 
@@ -157,6 +162,8 @@ class RoundBatches:
     (``data.batches.client_round_batches``) and gives the phases consecutive slices of it, so
     two phases of a round (FedLoRA-Optimizer's global and local) see different rows. A
     pooled-data algorithm (Centralised) trains client 0 on the union of the clients' rows.
+    With ``federated.packing`` the rows are packed (``packed_round_batches``); the first round
+    built prints the packing efficiency (real tokens / slots).
     """
 
     def __init__(self, data: FederatedData, algorithm: Algorithm, cfg: ConfigDict) -> None:
@@ -168,13 +175,15 @@ class RoundBatches:
         self._batch_size = cfg.federated.batch_size
         self._seq_len = cfg.data.max_seq_len
         self._seed = cfg.data.seed
+        self._make = packed_round_batches if cfg.federated.packing else client_round_batches
         self._cache: tuple[tuple, dict[str, np.ndarray]] | None = None
 
     def __call__(self, round_idx: int, phase: Phase, ids: np.ndarray) -> dict[str, np.ndarray]:
         key = (round_idx, tuple(int(i) for i in ids))
         if self._cache is None or self._cache[0] != key:
+            first = self._cache is None
             per_client = [
-                client_round_batches(
+                self._make(
                     self._clients[i],
                     steps=int(self._offsets[-1]),
                     batch_size=self._batch_size,
@@ -186,6 +195,14 @@ class RoundBatches:
                 for i in key[1]
             ]
             self._cache = (key, stack_clients(per_client))
+            if first:
+                rows = self._cache[1]["attn_mask"]
+                packing = "on" if self._make is packed_round_batches else "off"
+                print(
+                    f"training batches: packing {packing}"
+                    f", efficiency {packing_efficiency(self._cache[1]):.2f} (real tokens / slots),"
+                    f" {rows.max(axis=-1).mean():.2f} examples per row (round {round_idx})"
+                )
         p = self._phases.index(phase)
         lo, hi = self._offsets[p], self._offsets[p + 1]
         return {k: v[:, lo:hi] for k, v in self._cache[1].items()}

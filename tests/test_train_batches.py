@@ -7,7 +7,7 @@ import types
 import numpy as np
 
 from fedlora_jax.config import base_config
-from fedlora_jax.data.batches import client_round_batches
+from fedlora_jax.data.batches import client_round_batches, packed_round_batches
 from fedlora_jax.data.tokenize import TokenizedSet
 from fedlora_jax.runner import RoundBatches
 
@@ -20,7 +20,7 @@ def _client(first_id: int, n: int) -> TokenizedSet:
     return TokenizedSet(tokens, np.full(n, 4), np.full(n, 2), np.arange(first_id, first_id + n), 0)
 
 
-def _setup(pooled: bool) -> tuple[RoundBatches, list, types.SimpleNamespace]:
+def _setup(pooled: bool, packing: bool = False) -> tuple[RoundBatches, list, types.SimpleNamespace]:
     clients = [_client(0, 5), _client(100, 9)]
     data = types.SimpleNamespace(clients=[types.SimpleNamespace(train=c) for c in clients])
     phases = (types.SimpleNamespace(steps=2), types.SimpleNamespace(steps=1))
@@ -28,6 +28,7 @@ def _setup(pooled: bool) -> tuple[RoundBatches, list, types.SimpleNamespace]:
     cfg = base_config()
     cfg.federated.batch_size = 2
     cfg.data.max_seq_len = 8
+    cfg.federated.packing = packing
     return RoundBatches(data, algorithm, cfg), clients, algorithm
 
 
@@ -59,3 +60,17 @@ def test_pooled_data_trains_one_client_on_the_union() -> None:
          for r in range(10)]
     )  # fmt: skip
     assert set(many.tolist()) == set(range(5)) | set(range(100, 109))
+
+
+def test_packed_phases_slice_one_packed_round() -> None:
+    """With packing (the default) the phases slice one packed round draw the same way."""
+    batches, clients, algorithm = _setup(pooled=False, packing=True)
+    ids = np.array([0, 1])
+    g, l = (batches(3, p, ids) for p in algorithm.phases)
+    for k, c in enumerate(clients):
+        whole = packed_round_batches(c, steps=3, batch_size=2, seq_len=8, seed=0, round=3,
+                                     client_id=k)  # fmt: skip
+        for key in ("tokens", "loss_mask", "attn_mask"):
+            np.testing.assert_array_equal(g[key][k], whole[key][:2])
+            np.testing.assert_array_equal(l[key][k], whole[key][2:])
+    assert g["attn_mask"].max() == 2  # rows of 4 tokens: two examples per 8-slot row

@@ -5,11 +5,23 @@ epoch (epoch e of client c uses the generator of (seed, c, e)), concatenated; ro
 next ``steps * batch_size`` positions. So each row is seen once per epoch, a client with fewer
 rows than a round needs repeats rows (its round spans several epochs), and a round's batches
 depend only on (seed, round, client_id).
+
+Packing (``packed_round_batches``, the runner's default) keeps the stream and the shape
+[steps, batch_size, seq_len] but fills each row with several examples: the round's rows are
+bins, the stream's next examples go to the first bin with room (first fit, in stream order) until
+one fits in no bin; that example opens the next round. ``attn_mask`` then holds segment ids
+(0 = padding, 1..S = the examples of the row, in order), from which the model builds the
+block-diagonal causal mask and per-segment positions; ``loss_mask`` is each example's own
+response span. A step's loss stays the mean NLL over the response tokens in the step's rows, so
+a packed row contributes exactly the sum of its examples' summed NLLs (tested); a step simply
+holds more examples than ``batch_size``. How many depends on the lengths, so round r starts
+where round r-1 stopped: still a pure function of (seed, round, client_id).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -17,13 +29,17 @@ from fedlora_jax.data.rows import DataError
 from fedlora_jax.data.tokenize import TokenizedSet
 
 
-def _fit_width(ts: TokenizedSet, seq_len: int) -> TokenizedSet:
-    """The set at width ``seq_len`` (padding more, or cutting columns that are padding only)."""
+def _check_fits(ts: TokenizedSet, seq_len: int) -> None:
     if len(ts) and int(ts.lengths.max()) > seq_len:
         raise DataError(
             f"seq_len={seq_len}: shorter than the longest row "
             f"({int(ts.lengths.max())} tokens); use data.max_seq_len <= seq_len"
         )
+
+
+def _fit_width(ts: TokenizedSet, seq_len: int) -> TokenizedSet:
+    """The set at width ``seq_len`` (padding more, or cutting columns that are padding only)."""
+    _check_fits(ts, seq_len)
     if seq_len <= ts.width:
         tokens = ts.tokens[:, :seq_len]
     else:
@@ -67,6 +83,94 @@ def client_round_batches(
         "loss_mask": ts.loss_mask().reshape(shape),
         "attn_mask": ts.attn_mask().reshape(shape),
     }
+
+
+def first_fit(lengths: np.ndarray, bins: int, capacity: int) -> np.ndarray:
+    """Bin of each of the leading examples that fit: example j goes to the first of ``bins``
+    bins with ``capacity - used >= lengths[j]``; stops at the first example that fits nowhere.
+
+    Returns bin indices [m] for the first m examples (m <= len(lengths))."""
+    free = np.full(bins, capacity, np.int64)
+    out = []
+    for n in lengths:
+        room = np.flatnonzero(free >= n)
+        if room.size == 0:
+            break
+        free[room[0]] -= n
+        out.append(room[0])
+    return np.asarray(out, np.int64)
+
+
+# (lengths digest, bins, seq_len, seed, client_id) -> stream start of rounds 0..len-1
+_STARTS: dict[tuple, list[int]] = {}
+
+
+def _packed_window(ts: TokenizedSet, bins: int, seq_len: int) -> int:
+    """Most examples one round can consume (every bin full of the shortest rows)."""
+    return bins * (seq_len // max(int(ts.lengths.min()), 1))
+
+
+def packed_round_start(
+    ts: TokenizedSet, *, bins: int, seq_len: int, seed: int, round: int, client_id: int
+) -> int:
+    """Stream position where ``round`` starts under packing: the examples rounds 0..round-1
+    consumed (each round is a ``first_fit`` of the stream from where the last one stopped)."""
+    digest = hashlib.sha1(np.ascontiguousarray(ts.lengths).tobytes()).hexdigest()
+    starts = _STARTS.setdefault((digest, bins, seq_len, seed, client_id), [0])
+    window = _packed_window(ts, bins, seq_len)
+    while len(starts) <= round:
+        pos = epoch_stream(len(ts), starts[-1], window, seed=seed, client_id=client_id)
+        starts.append(starts[-1] + len(first_fit(ts.lengths[pos], bins, seq_len)))
+    return starts[round]
+
+
+def packed_round_batches(
+    tokenized_client: TokenizedSet,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    round: int,
+    client_id: int,
+) -> dict[str, np.ndarray]:
+    """``client_round_batches`` with several examples per row (see the module docstring):
+    ``tokens, loss_mask`` and ``attn_mask`` = segment ids, int32 [steps, batch_size, seq_len]."""
+    ts = tokenized_client
+    _check_fits(ts, seq_len)
+    if len(ts) and int(ts.prompt_lengths.min()) < 1:
+        raise DataError("packing: every row needs a prompt token (BOS) to open its segment")
+    bins = steps * batch_size
+    start = packed_round_start(
+        ts, bins=bins, seq_len=seq_len, seed=seed, round=round, client_id=client_id
+    )
+    pos = epoch_stream(
+        len(ts), start, _packed_window(ts, bins, seq_len), seed=seed, client_id=client_id
+    )
+    where = first_fit(ts.lengths[pos], bins, seq_len)
+    tokens = np.full((bins, seq_len), ts.pad_id, np.int32)
+    segments = np.zeros((bins, seq_len), np.int32)
+    loss_mask = np.zeros((bins, seq_len), np.int32)
+    used = np.zeros(bins, np.int64)
+    count = np.zeros(bins, np.int32)
+    for row, b in zip(pos[: len(where)], where, strict=True):
+        n, p, at = int(ts.lengths[row]), int(ts.prompt_lengths[row]), int(used[b])
+        count[b] += 1
+        tokens[b, at : at + n] = ts.tokens[row, :n]
+        segments[b, at : at + n] = count[b]
+        loss_mask[b, at + p : at + n] = 1
+        used[b] += n
+    shape = (steps, batch_size, seq_len)
+    return {
+        "tokens": tokens.reshape(shape),
+        "loss_mask": loss_mask.reshape(shape),
+        "attn_mask": segments.reshape(shape),
+    }
+
+
+def packing_efficiency(batches: dict[str, np.ndarray]) -> float:
+    """Real tokens / slots of a batch dict (``attn_mask`` > 0 marks real tokens)."""
+    return float(np.mean(np.asarray(batches["attn_mask"]) > 0))
 
 
 def stack_clients(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

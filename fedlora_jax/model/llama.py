@@ -80,6 +80,36 @@ def positions_from_mask(attn_mask: Array, offset: Array | int = 0) -> Array:
     return jnp.maximum(offset + jnp.cumsum(attn_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def segment_positions(segments: Array) -> Array:
+    """Position ids [B, T] that restart at 0 in every segment of a packed row.
+
+    ``segments`` [B, T]: 0 = padding, 1..S = the row's examples, each contiguous and in increasing
+    order (``data.batches.packed_round_batches``). Position = real tokens before t in the row
+    minus those of lower-numbered segments; for a 0/1 mask that is ``positions_from_mask``
+    exactly, pads included.
+    """
+    seg = segments.astype(jnp.int32)
+    real = (seg > 0).astype(jnp.int32)
+    per_segment = jax.vmap(lambda r, s: jax.ops.segment_sum(r, s, num_segments=seg.shape[-1] + 1))(
+        real, seg
+    )  # [B, T+1]: real tokens of each segment id (id 0 holds none)
+    earlier = jnp.cumsum(per_segment, axis=-1) - per_segment
+    before = jnp.take_along_axis(earlier, seg, axis=-1)
+    return jnp.maximum(jnp.cumsum(real, axis=-1) - 1 - before, 0)
+
+
+def segment_mask(segments: Array) -> Array:
+    """allowed [B, T, T]: causal, key real, query and key in the same segment.
+
+    Pad queries (segment 0) see every earlier real key, as with a plain 0/1 mask (their outputs
+    are never used); so a 0/1 mask gives exactly the unpacked mask.
+    """
+    t = segments.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    q, k = segments[:, :, None], segments[:, None, :]
+    return causal[None] & (k > 0) & ((q == k) | (q == 0))
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -286,11 +316,8 @@ def hidden(
     remat: bool = False,
 ) -> Array:
     """Final-normed hidden states [B, T, d] (compute dtype); ``apply`` minus the LM head."""
-    b, t = tokens.shape
-    positions = positions_from_mask(attn_mask)
-    cos, sin = _rope_cos_sin(cfg, positions, compute_dtype)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    allowed = causal[None] & (attn_mask[:, None, :] > 0)
+    cos, sin = _rope_cos_sin(cfg, segment_positions(attn_mask), compute_dtype)
+    allowed = segment_mask(attn_mask)
     h, _ = _run_layers(
         base,
         adapters,
@@ -321,6 +348,9 @@ def apply(
     remat: bool = False,
 ) -> Array:
     """Logits [B, T, V] float32 for tokens [B, T] with ``attn_mask`` (1 = real; left or right pad).
+
+    ``attn_mask`` may hold segment ids of packed rows (0 = pad, 1..S): attention stays inside a
+    segment and positions restart per segment (``segment_positions``, ``segment_mask``).
 
     ``dropout_key`` None = no adapter dropout (eval). ``remat`` checkpoints each layer.
     """
