@@ -10,12 +10,16 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import pathlib
+import re
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ml_collections import ConfigDict
 
+from fedlora_jax.adapters.base import TARGET_PRESETS
 from fedlora_jax.data.config import DataConfig
 
 
@@ -32,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federated.backend": ("vmap", "chunked", "shard_map"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.optimizer_state": ("fresh", "persistent"),
+    "run.on_no_valid_client": ("error", "stop", "continue"),
 }
 
 # The adapter kind each algorithm trains, used when adapter.kind = "auto" (others: lora).
@@ -150,7 +155,12 @@ def base_config() -> ConfigDict:
     )
     c.checkpoint = ConfigDict({"every": 1, "keep": 2})  # every 0 = never
     # The run dir is out_dir/name; name "" derives "{tag}-{algorithm.name}-seed{seed}".
-    c.run = ConfigDict({"seed": 0, "out_dir": "runs", "name": "", "tag": "run"})
+    # on_no_valid_client: what a round in which every sampled client sent non-finite values
+    # (so the model was not updated) does: "error" = checkpoint, write results.md, exit
+    # non-zero; "stop" = the same with exit 0; "continue" = record it and train on.
+    c.run = ConfigDict(
+        {"seed": 0, "out_dir": "runs", "name": "", "tag": "run", "on_no_valid_client": "error"}
+    )
     return c
 
 
@@ -201,13 +211,27 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     module_spec = importlib.util.spec_from_file_location(f"_fedlora_cfg_{path.stem}", path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path_str}: defines no get_config(preset)")
-    cfg = module.get_config(preset) if preset else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path_str}: defines no get_config(preset)")
+        cfg = module.get_config(preset) if preset else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # the config file's own mistake: name its file and line
+        message = e.msg if isinstance(e, SyntaxError) else e
+        raise ConfigError(f"{_where(e, path)}: {type(e).__name__}: {message}") from e
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def _where(e: BaseException, path: pathlib.Path) -> str:
+    """``file:line`` of the deepest frame of ``e`` in the config file ``path``."""
+    if isinstance(e, SyntaxError) and e.lineno:
+        return f"{path}:{e.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+    return f"{path}:{lines[-1]}" if lines else str(path)
 
 
 def apply_overrides(cfg: ConfigDict, overrides: Sequence[str]) -> None:
@@ -317,6 +341,9 @@ def validate(cfg: ConfigDict) -> None:
         for key in cfg[section]:
             if key not in schema[section]:
                 raise ConfigError(_unknown(f"{section}.{key}", schema[section]))
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not valid; must be a finite number")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -326,6 +353,7 @@ def validate(cfg: ConfigDict) -> None:
         if value < low or (value == low and not inclusive):
             op = ">=" if inclusive else ">"
             raise ConfigError(f"{key}={value!r} is not valid; must be {op} {low}")
+    DataConfig.from_mapping(cfg.data)  # the data module's own checks (DataError, one line)
     fed, data = cfg.federated, cfg.data
     if fed.client_fraction > 1:
         raise ConfigError(
@@ -343,7 +371,15 @@ def validate(cfg: ConfigDict) -> None:
         )
     if cfg.adapter.dropout >= 1:
         raise ConfigError(f"adapter.dropout={cfg.adapter.dropout!r} is not valid; must be < 1")
-    DataConfig.from_mapping(cfg.data)  # the data module's own checks (DataError, one line)
+    targets = cfg.adapter.targets
+    try:
+        re.compile(TARGET_PRESETS.get(targets, targets))
+    except re.error as e:
+        raise ConfigError(
+            f"adapter.targets={targets!r} is not a valid regular expression ({e}); "
+            f"use a preset ({', '.join(TARGET_PRESETS)}) or a regex over module paths like "
+            "'layers.0.attn.q_proj'"
+        ) from None
 
 
 def adapter_kind(cfg: ConfigDict) -> str:
@@ -356,6 +392,18 @@ def adapter_kind(cfg: ConfigDict) -> str:
 def run_name(cfg: ConfigDict) -> str:
     """The run directory's name: run.name, or one derived from tag, algorithm and seed."""
     return cfg.run.name or f"{cfg.run.tag}-{cfg.algorithm.name}-seed{cfg.run.seed}"
+
+
+def _leaves(node: ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every non-section entry, free sections included."""
+    out: list[tuple[str, Any]] = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ConfigDict):
+            out += _leaves(value, name + ".")
+        else:
+            out.append((name, value))
+    return out
 
 
 def _get(cfg: ConfigDict, key: str) -> Any:

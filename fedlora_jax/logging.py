@@ -2,7 +2,9 @@
 printed summary line under a tqdm bar over rounds.
 
 Metrics are flat dicts ``{"train/loss": 2.31, "global/rouge_l": 0.21, "local/rouge_l/mean": ...}``
-(``flatten`` turns the nested eval report into that form) so every sink treats them alike.
+(``flatten`` turns the nested eval report into that form) so every sink treats them alike. A
+non-finite number is written as ``null`` (``metrics.jsonl`` stays strict JSON) and left out of
+TensorBoard; list values (``phase/<phase>/excluded``: client ids) go to the JSON line only.
 """
 
 from __future__ import annotations
@@ -32,6 +34,34 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def json_safe(tree: Any) -> Any:
+    """``tree`` with every non-finite float (NaN, ±inf) replaced by None, so that
+    ``json.dumps(..., allow_nan=False)`` writes it as strict JSON (``null``)."""
+    if isinstance(tree, Mapping):
+        return {k: json_safe(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [json_safe(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
+
+
+def excluded_clients(metrics: Mapping[str, Any]) -> dict[str, list[int]]:
+    """{phase: client ids excluded for non-finite values} for the phases that excluded any."""
+    suffix = "/excluded"
+    return {
+        k.removeprefix("phase/")[: -len(suffix)]: list(v)
+        for k, v in metrics.items()
+        if k.endswith(suffix) and v
+    }
+
+
+def no_valid_client(metrics: Mapping[str, Any]) -> list[str]:
+    """The phases in which every sampled client (``clients``) was excluded."""
+    sampled = set(metrics.get("clients") or ())
+    return [p for p, ids in excluded_clients(metrics).items() if sampled and sampled <= set(ids)]
+
+
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     """Rows of a run's ``metrics.jsonl`` (each has ``round`` plus flat metrics)."""
     path = pathlib.Path(run_dir) / METRICS_FILE
@@ -40,12 +70,20 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _json_line(row: Mapping[str, Any]) -> str:
+    return json.dumps(json_safe(row), allow_nan=False) + "\n"
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _pick(metrics: Mapping[str, float], *names: str) -> list[tuple[str, float]]:
-    return [(n, metrics[n]) for n in names if n in metrics and not math.isnan(metrics[n])]
+def _pick(metrics: Mapping[str, Any], *names: str) -> list[tuple[str, float]]:
+    return [(n, metrics[n]) for n in names if _is_number(metrics.get(n))]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def round_line(round_: int, rounds: int, metrics: Mapping[str, float]) -> str:
@@ -69,6 +107,8 @@ def round_line(round_: int, rounds: int, metrics: Mapping[str, float]) -> str:
         )
     if "time/round_s" in metrics:
         parts.append(f"{metrics['time/round_s']:.1f} s")
+    for phase, ids in excluded_clients(metrics).items():
+        parts.append(f"{phase}: clients {ids} excluded (non-finite)")
     return " | ".join(parts)
 
 
@@ -94,7 +134,7 @@ class MetricsLogger:
         path = self.run_dir / METRICS_FILE
         last = resume_round or 0
         kept = [r for r in read_metrics(self.run_dir) if r["round"] <= last]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        path.write_text("".join(map(_json_line, kept)))
         self._file = path.open("a")
         self._tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=resume_round)
         self._bar = tqdm.tqdm(
@@ -102,15 +142,15 @@ class MetricsLogger:
         )
         self._echo = echo or tqdm.tqdm.write
 
-    def log(self, round_: int, metrics: Mapping[str, float]) -> None:
-        row = {"round": round_, **metrics}
-        self._file.write(json.dumps(row) + "\n")
+    def log(self, round_: int, metrics: Mapping[str, Any]) -> None:
+        self._file.write(_json_line({"round": round_, **metrics}))
         self._file.flush()
         for name, value in metrics.items():
-            self._tb.add_scalar(name, value, round_)
+            if _is_number(value):
+                self._tb.add_scalar(name, value, round_)
         self._tb.flush()
         self._bar.update(1)
-        if "train/loss" in metrics:
+        if _is_number(metrics.get("train/loss")):
             self._bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
         self._echo(round_line(round_, self.rounds, metrics))
 

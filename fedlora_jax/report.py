@@ -1,9 +1,10 @@
 """Human-readable results of a run directory and comparisons across runs.
 
 ``write_results`` turns a run's per-round metrics (``metrics.jsonl``) and its final evaluation
-report (``final_eval.json``) into ``results.md`` and ``metrics.png``. ``compare`` groups several
-run directories by a config key (e.g. algorithm.name), takes mean ± std over the runs of a group
-(e.g. seeds) and writes a table and a plot.
+report (``final_eval.json``) into ``results.md`` and ``metrics.png``, with the rows the data
+pipeline dropped and the clients excluded for non-finite values in each round. ``compare``
+groups several run directories by a config key (e.g. algorithm.name), takes mean ± std over the
+runs of a group (e.g. seeds) and writes a table and a plot.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from fedlora_jax.eval.report import render_markdown  # noqa: E402
-from fedlora_jax.logging import flatten, read_metrics  # noqa: E402
+from fedlora_jax.logging import (  # noqa: E402
+    excluded_clients,
+    flatten,
+    no_valid_client,
+    read_metrics,
+)
 
 RESULTS_FILE = "results.md"
 PLOT_FILE = "metrics.png"
@@ -68,19 +74,69 @@ def _read_json(path: pathlib.Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _excluded_cell(row: Mapping[str, Any]) -> str:
+    return "; ".join(
+        f"{phase}: {', '.join(map(str, ids))}" for phase, ids in excluded_clients(row).items()
+    )
+
+
 def round_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Markdown lines: one row per round, only the columns some round has."""
+    """Markdown lines: one row per round, only the columns some round has (a metric that was
+    not finite is an empty cell); an ``excluded clients`` column when some round excluded any."""
     cols = [(k, label) for k, label in ROUND_COLUMNS if any(k in row for row in history)]
     rows = [[row["round"], *(row.get(k) for k, _ in cols)] for row in history]
-    return _table(["round", *(label for _, label in cols)], rows)
+    header = ["round", *(label for _, label in cols)]
+    if any(excluded_clients(row) for row in history):
+        header.append("excluded clients (non-finite)")
+        rows = [[*cells, _excluded_cell(row)] for cells, row in zip(rows, history, strict=True)]
+    return _table(header, rows)
+
+
+def excluded_section(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines naming the rounds that excluded clients, and warning about rounds in which
+    no client was valid (the shared model was not updated); [] when no round excluded any."""
+    lines = [
+        f"- round {row['round']}: {_excluded_cell(row)}"
+        + (" (every sampled client: no valid client)" if no_valid_client(row) else "")
+        for row in history
+        if excluded_clients(row)
+    ]
+    if not lines:
+        return []
+    head = ["## Excluded clients", "", "Clients whose update had non-finite values; the "
+            "aggregate of their round left them out.", ""]  # fmt: skip
+    failed = [str(row["round"]) for row in history if no_valid_client(row)]
+    if failed:
+        head += [f"**Warning: round(s) {', '.join(failed)} had no valid client; the model "
+                 "was not trained in them.**", ""]  # fmt: skip
+    return [*head, *lines, ""]
+
+
+def data_section(data: Mapping[str, Any] | None) -> list[str]:
+    """Markdown lines: the rows the data pipeline dropped, per reason, and duplicates found."""
+    if data is None:
+        return []
+    return ["## Data", "", f"{drop_line(data)}", ""]
+
+
+def drop_line(data: Mapping[str, Any]) -> str:
+    """``rows dropped: too_long=12, missing_field=1 (13 in all); exact duplicate rows found: 0``."""
+    counts = data.get("drop_counts") or {}
+    dropped = (
+        ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        + f" ({sum(counts.values())} in all)"
+        if counts
+        else "none"
+    )
+    return f"rows dropped: {dropped}; exact duplicate rows found: {data.get('duplicates', 0)}"
 
 
 def plot_history(history: Sequence[Mapping[str, Any]], path: pathlib.Path, title: str) -> None:
-    """One panel per plotted metric present in ``history``, over rounds."""
-    keys = [k for k in PLOTTED if any(k in row for row in history)]
+    """One panel per plotted metric present in ``history``, over rounds (null values skipped)."""
+    keys = [k for k in PLOTTED if any(row.get(k) is not None for row in history)]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.6 * max(1, len(keys)), 3.2))
     for ax, key in zip(np.atleast_1d(axes), keys, strict=False):
-        points = [(row["round"], row[key]) for row in history if key in row]
+        points = [(row["round"], row[key]) for row in history if row.get(key) is not None]
         ax.plot(*zip(*points, strict=True), marker="o")
         ax.set_title(key)
         ax.set_xlabel("round")
@@ -91,14 +147,25 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: pathlib.Path, title
     plt.close(fig)
 
 
-def write_results(run_dir: str | pathlib.Path) -> pathlib.Path:
-    """Write ``results.md`` and ``metrics.png`` from the files in ``run_dir``; return its path."""
+def write_results(
+    run_dir: str | pathlib.Path,
+    *,
+    data: Mapping[str, Any] | None = None,
+    stopped: str | None = None,
+) -> pathlib.Path:
+    """Write ``results.md`` and ``metrics.png`` from the files in ``run_dir``; return its path.
+
+    ``data`` is the data summary (``drop_counts``, ``duplicates``; default: the one in
+    ``final_eval.json``); ``stopped`` is why the run ended before its final evaluation."""
     run_dir = pathlib.Path(run_dir)
     history = read_metrics(run_dir)
     cfg = _read_json(run_dir / CONFIG_FILE) or {}
-    final = _read_json(run_dir / FINAL_EVAL_FILE)
+    final = None if stopped else _read_json(run_dir / FINAL_EVAL_FILE)
+    data = data if data is not None else (final or {}).get("data")
     title = run_dir.name
     lines = [f"# Results: {title}", ""]
+    if stopped:
+        lines += [f"**Stopped: {stopped}**", ""]
     if cfg:
         setting = [
             ("model", cfg["model"]["spec"]),
@@ -112,6 +179,8 @@ def write_results(run_dir: str | pathlib.Path) -> pathlib.Path:
             ("seed", cfg["run"]["seed"]),
         ]  # fmt: skip
         lines += _table(["setting", "value"], setting) + [""]
+    lines += data_section(data)
+    lines += excluded_section(history)
     lines += ["## Final evaluation", ""]
     lines += [render_markdown(final) if final else "_no final evaluation_\n"]
     if history:
@@ -181,7 +250,7 @@ def _plot_groups(groups: Mapping[str, Sequence[pathlib.Path]], path: pathlib.Pat
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.6 * max(1, len(keys)), 3.2))
     for ax, key in zip(np.atleast_1d(axes), keys, strict=False):
         for name, hs in histories.items():
-            per_run = [{r["round"]: r[key] for r in h if key in r} for h in hs]
+            per_run = [{r["round"]: r[key] for r in h if r.get(key) is not None} for h in hs]
             rounds = sorted(set.intersection(*(set(p) for p in per_run)))
             if not rounds:
                 continue

@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,10 +42,10 @@ from fedlora_jax.data.tokenize import TokenizedSet
 from fedlora_jax.eval.harness import EvalExample, evaluate, from_tokenized
 from fedlora_jax.federated.engine import EngineConfig, EngineState, init_state, run_round
 from fedlora_jax.federated.sampling import num_sampled
-from fedlora_jax.logging import MetricsLogger, flatten
+from fedlora_jax.logging import MetricsLogger, excluded_clients, flatten, json_safe, no_valid_client
 from fedlora_jax.model.config import LlamaConfig
 from fedlora_jax.model.hub import resolve_model
-from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, write_results
+from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, drop_line, write_results
 
 PyTree = Any
 CLIENT_TABLE_FILE = "clients.csv"
@@ -73,6 +74,12 @@ class RunResult:
     state: EngineState
     history: list[dict[str, Any]]
     final_eval: dict[str, Any] | None  # None when the run stopped before its last round
+    stopped: str | None = None  # why a round with no valid client stopped the run
+
+
+class NoValidClientError(RuntimeError):
+    """A round in which every sampled client sent non-finite values, under
+    ``run.on_no_valid_client="error"``; the run dir holds its checkpoint and results.md."""
 
 
 def adapter_config(cfg: ConfigDict) -> AdapterConfig:
@@ -248,6 +255,7 @@ def run(
     run_dir = pathlib.Path(cfg.run.out_dir) / config_lib.run_name(cfg)
     _prepare_run_dir(run_dir, cfg, resume)
     setup = setup or build(cfg, verbose=progress)
+    print(f"[data] {drop_line(data_summary(setup.data))}")
     setup.data.table.to_csv(run_dir / CLIENT_TABLE_FILE)
     if progress:
         print(f"client x category table ({CLIENT_TABLE_FILE}):\n{setup.data.table.to_text()}")
@@ -263,21 +271,53 @@ def run(
             run_dir, rounds=rounds, resume_round=state.round, progress=progress, echo=echo
         ) as logger:
             last_report = None  # the evaluation of the round just trained, if it had one
+            halted = None  # why a round with no valid client stops the run
             while state.round < rounds:
                 state, row, last_report = _one_round(cfg, setup, state)
                 history.append(row)
                 logger.log(state.round, row)
+                halted = _halt_reason(cfg, state.round, row, run_dir)
                 every = cfg.checkpoint.every
-                stopping = stop_after_round is not None and state.round >= stop_after_round
+                stopping = halted or (
+                    stop_after_round is not None and state.round >= stop_after_round
+                )
                 if state.round == rounds or stopping or (every and state.round % every == 0):
                     ckpt.save(state.round, state, _meta(state, history))
                 if stopping:
                     break
     final = None
-    if state.round >= rounds:
+    if halted:
+        write_results(run_dir, data=data_summary(setup.data), stopped=halted)
+        if cfg.run.on_no_valid_client == "error":
+            raise NoValidClientError(halted)
+        print(f"warning: {halted}", file=sys.stderr)
+    elif state.round >= rounds:
         final = _final_eval(cfg, setup, state, run_dir, last_report)
         write_results(run_dir)
-    return RunResult(run_dir, state, history, final)
+    return RunResult(run_dir, state, history, final, halted)
+
+
+def _halt_reason(
+    cfg: ConfigDict, round_: int, row: Mapping[str, Any], run_dir: pathlib.Path
+) -> str | None:
+    """The one-line reason to stop after ``round_`` (a phase in which every sampled client sent
+    non-finite values), or None; always None under ``run.on_no_valid_client="continue"``."""
+    mode = cfg.run.on_no_valid_client
+    phases = no_valid_client(row)
+    if not phases or mode == "continue":
+        return None
+    excluded = excluded_clients(row)
+    which = "; ".join(f"phase {p}: clients {excluded[p]}" for p in phases)
+    return (
+        f"round {round_}: no valid client ({which} sent non-finite values), so the model was "
+        f"not trained; stopped with a checkpoint in {run_dir / CHECKPOINT_DIR} "
+        f"(run.on_no_valid_client={mode!r}; lower optim.lr or set optim.grad_clip > 0)"
+    )
+
+
+def data_summary(data: FederatedData) -> dict[str, Any]:
+    """Rows the data pipeline dropped (reason -> count) and exact duplicates it found."""
+    return {"drop_counts": dict(data.drop_counts), "duplicates": int(data.duplicates)}
 
 
 def _meta(state: EngineState, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,17 +345,20 @@ def _one_round(
     row["time/round_s"] = time.perf_counter() - start
     # CPU seconds of this process (all threads): comparable across loaded and idle machines
     row["time/round_cpu_s"] = time.process_time() - cpu_start
-    return state, row, report
+    return state, json_safe(row), report
 
 
-def round_metrics(algorithm: Algorithm, metrics: Mapping[str, Any]) -> dict[str, float]:
+def round_metrics(algorithm: Algorithm, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The engine's round metrics as flat scalars: ``phase/<phase>/<name>`` (means over the
-    sampled clients), ``train/loss`` (the first phase's: the one that trains the shared model)
-    and ``comm/*``."""
-    row: dict[str, float] = {}
+    valid sampled clients; NaN when none was valid), ``train/loss`` (the first phase's: the one
+    that trains the shared model) and ``comm/*``; plus the sampled ``clients`` and, per phase,
+    the ``phase/<phase>/excluded`` client ids (non-finite values)."""
+    row: dict[str, Any] = {"clients": [int(i) for i in metrics["clients"]]}
     for key, value in metrics.items():
         if key.startswith("comm/"):
             row[key] = value
+        elif key.endswith("/excluded"):
+            row[f"phase/{key}"] = [int(i) for i in value]
         elif (
             "/" in key
             and "/per_client/" not in key
@@ -363,8 +406,9 @@ def _final_eval(
     """Write the final report; ``report`` is the last round's evaluation when it had one (so
     the last round is not evaluated twice), else the state is evaluated now (e.g. on resume)."""
     report = report if report is not None else evaluate_state(cfg, setup, state)
-    report["round"] = int(state.round)
-    (run_dir / FINAL_EVAL_FILE).write_text(json.dumps(report, indent=1))
+    report = json_safe({**report, "round": int(state.round)})
+    saved = {**report, "data": data_summary(setup.data)}  # the file also records the drops
+    (run_dir / FINAL_EVAL_FILE).write_text(json.dumps(saved, indent=1, allow_nan=False))
     return report
 
 

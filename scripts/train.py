@@ -6,6 +6,10 @@ Presets: configs/dolly.py (default, smoke, llama2-7b, deepseek-7b), configs/natu
 Every key of the config can be overridden, e.g. ``--config.algorithm.name=fedsa_lora
 --config.federated.rounds=10``. A mistake in the config, data or model spec is reported in one
 line; ``--debug`` shows the traceback instead.
+
+Exit status: 0 done (or stopped under ``run.on_no_valid_client="stop"``), 2 a mistake in the
+config, data or model spec, 3 a round had no valid client (every sampled client sent non-finite
+values) under ``run.on_no_valid_client="error"``, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
             parser.error(f"unrecognized argument {item!r}")
         item = item[len("--config.") :]
         if "=" not in item:
-            if i + 1 >= len(rest):
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
                 parser.error(f"--config.{item}: missing value")
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)
@@ -50,10 +54,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        from fedlora_jax import runner
-        from fedlora_jax.config import load_config
+    from fedlora_jax import runner  # after parsing, so that --help is quick
+    from fedlora_jax.config import load_config
 
+    try:
         cfg = load_config(args.config, overrides)
         result = runner.run(cfg, resume=args.resume, progress=not args.no_progress)
     except USER_ERRORS as e:
@@ -61,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}  (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except runner.NoValidClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -126,8 +126,13 @@ class _Encoded:
 
 
 def _encode(tokenizer: Any, layouts: list[_Layout]) -> list[_Encoded]:
+    # verbose=False: no "sequence length is longer than the specified maximum" warning; rows
+    # are fitted to max_seq_len (or dropped and counted) by tokenize_examples itself.
     enc = tokenizer(
-        [lay.text for lay in layouts], add_special_tokens=False, return_offsets_mapping=True
+        [lay.text for lay in layouts],
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        verbose=False,
     )
     out = []
     for lay, ids, offsets in zip(layouts, enc["input_ids"], enc["offset_mapping"], strict=True):
