@@ -140,18 +140,13 @@ def _linear(
 def _attend(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     """GQA attention. q [B,Tq,Hq,hd], k/v [B,Tk,Hkv,hd], allowed [B,Tq,Tk] -> [B,Tq,Hq*hd].
 
-    Query head h uses kv head h // (Hq/Hkv), as HF's ``repeat_kv``. Scores are scaled after the
-    matmul and soft-maxed in float32 (HF eager). Fully masked rows (left-pad queries) get a
-    uniform softmax instead of NaN; their outputs are never used.
+    ``jax.nn.dot_product_attention`` (XLA here; the cuDNN kernel where jax selects it): query
+    head h uses kv head h // (Hq/Hkv), as HF's ``repeat_kv``; scores accumulate and soft-max in
+    float32 (HF eager soft-maxes in float32 too). Fully masked rows (pad queries) get a uniform
+    softmax instead of NaN; their outputs are never used.
     """
     b, tq, hq, hd = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, tq, hkv, hq // hkv, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k) * (hd**-0.5)
-    scores = scores.astype(jnp.float32)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=hd**-0.5)
     return out.reshape(b, tq, hq * hd)
 
 
