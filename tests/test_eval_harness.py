@@ -205,10 +205,32 @@ def test_generations_match_unbatched_generate(run, model, adapters, clients_test
 def test_second_call_does_not_retrace(run) -> None:
     report, _, again, first, second = run
     # One compilation per jitted function for both sections and all clients ...
-    assert first["_generate_jit"] == 1 and first["example_nll"] == 1
+    assert first["_generate_stacked_jit"] == 1 and first["example_nll"] == 1
     # ... and none at all when the next round evaluates the same test sets.
     assert sum(second.values()) == 0, dict(second)
     assert again == report
+
+
+def test_vmapped_personal_equals_per_client_loop(run, model, adapters, clients_test, tokenizer):
+    """All clients in one vmapped program = each client evaluated alone (its own program)."""
+    report, preds, *_ = run
+    cfg, base = model
+    _, personal = adapters
+    for i, split in enumerate(clients_test):
+        alone, alone_preds = evaluate(
+            base, None, jax.tree.map(lambda x, i=i: x[i : i + 1], personal), [split],
+            cfg=cfg, adapter_cfg=ADAPTER, tokenizer=tokenizer, max_new_tokens=MAX_NEW,
+            batch_size=2, return_predictions=True,
+        )  # fmt: skip
+        got, want = report["local"]["per_client"][i], alone["local"]["per_client"][0]
+        floats = ("loss", "perplexity")  # float reassociation between the two programs
+        for k in floats:
+            assert got[k] == pytest.approx(want[k], rel=1e-5)
+        assert {k: v for k, v in got.items() if k not in floats} == {
+            k: v for k, v in want.items() if k not in floats
+        }
+        mine = [r["prediction"] for r in preds["local"] if r["client_id"] == i]
+        assert mine == [r["prediction"] for r in alone_preds["local"]]
 
 
 def test_without_personal_local_is_global(run, model, adapters, clients_test, tokenizer) -> None:

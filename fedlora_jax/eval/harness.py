@@ -24,7 +24,7 @@ from fedlora_jax.eval.metrics import best_match
 from fedlora_jax.eval.report import ExampleScore, build_report
 from fedlora_jax.model import llama, loss
 from fedlora_jax.model.config import LlamaConfig
-from fedlora_jax.model.generate import generate, left_pad
+from fedlora_jax.model.generate import generate_stacked, left_pad
 
 PyTree = Any
 LENGTH_BUCKET = 16  # pad lengths to a multiple of this, so similar test sets share compilations
@@ -113,14 +113,18 @@ def as_example(item: EvalExample | Mapping[str, Any]) -> EvalExample:
 
 @functools.cache
 def _loss_fn(cfg: LlamaConfig, adapter_cfg: AdapterConfig | None, compute_dtype: Any):
-    """(base, adapters, tokens, attn_mask, loss_mask) [B,S] -> per-example (sum_nll, n_tokens)."""
+    """(base, adapters [K, ...], tokens, attn_mask, loss_mask [K, B, S]) -> per-example
+    (sum_nll, n_tokens) [K, B]: batch k under adapter k, one program for every client."""
 
     def example_nll(base: PyTree, adapters: PyTree, tokens, attn_mask, loss_mask):
-        h = llama.hidden(
-            base, adapters, tokens, attn_mask,
-            cfg=cfg, adapter_cfg=adapter_cfg, compute_dtype=compute_dtype,
-        )  # fmt: skip
-        return loss.sequence_nll_from_hidden(base, h, tokens, loss_mask, cfg=cfg)
+        def one(adapters: PyTree, tokens, attn_mask, loss_mask):
+            h = llama.hidden(
+                base, adapters, tokens, attn_mask,
+                cfg=cfg, adapter_cfg=adapter_cfg, compute_dtype=compute_dtype,
+            )  # fmt: skip
+            return loss.sequence_nll_from_hidden(base, h, tokens, loss_mask, cfg=cfg)
+
+        return jax.vmap(one)(adapters, tokens, attn_mask, loss_mask)
 
     return jax.jit(example_nll)
 
@@ -184,48 +188,84 @@ class _Setup:
     shapes: _Shapes
 
 
-def _score(
+Lanes = list[list[list[int] | None]]
+
+
+def _lanes(groups: Sequence[Sequence[int]], batch: int) -> Lanes:
+    """Per lane (adapter k), its examples' indices cut into batches; every lane padded with
+    ``None`` batches to the same depth (computed on a filler example, results dropped)."""
+    chunks = [[list(g[i : i + batch]) for i in range(0, len(g), batch)] for g in groups]
+    depth = max(len(c) for c in chunks)
+    return [c + [None] * (depth - len(c)) for c in chunks]
+
+
+def _launch(
     base: PyTree,
-    adapters: PyTree | None,
+    stacked: PyTree,
     examples: Sequence[EvalExample],
-    client_ids: Sequence[int],
+    lanes: Lanes,
     setup: _Setup,
-) -> tuple[list[ExampleScore], list[str]]:
-    """Scores and decoded generations of ``examples`` under one adapter, in fixed-shape batches."""
+) -> list[tuple]:
+    """Dispatch generation and loss for every batch depth, all K lanes (adapters) in one call;
+    returns device arrays without waiting, so host scoring overlaps the device work."""
     nll_fn = _loss_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
     shapes = setup.shapes
-    scores: list[ExampleScore] = []
-    predictions: list[str] = []
-    for start in range(0, len(examples), shapes.batch):
-        real = list(examples[start : start + shapes.batch])
-        rows = _pad_rows(real, shapes.batch)
+    pending = []
+    for depth in range(len(lanes[0])):
+        rows = [
+            _pad_rows([examples[i] for i in lane[depth] or [0]], shapes.batch) for lane in lanes
+        ]
         # multiple=prompt_len pads every batch to the same width (prompt_len >= every prompt).
-        prompt = left_pad([ex.prompt_ids for ex in rows], setup.pad_id, multiple=shapes.prompt_len)
-        new_tokens, lengths = generate(
-            base, adapters, *prompt,
+        prompts = [
+            left_pad([ex.prompt_ids for ex in r], setup.pad_id, shapes.prompt_len) for r in rows
+        ]
+        sequences = [_sequence_batch(r, shapes.seq_len, setup.pad_id) for r in rows]
+        generated = generate_stacked(
+            base, stacked, *(np.stack(x) for x in zip(*prompts, strict=True)),
             cfg=setup.cfg, adapter_cfg=setup.adapter_cfg, max_new_tokens=setup.max_new_tokens,
             eos_ids=setup.eos_ids, compute_dtype=setup.compute_dtype, pad_id=setup.pad_id,
         )  # fmt: skip
-        sequences = _sequence_batch(rows, shapes.seq_len, setup.pad_id)
-        sum_nll, n_tokens = nll_fn(base, adapters, *sequences)
+        nll = nll_fn(base, stacked, *(np.stack(x) for x in zip(*sequences, strict=True)))
+        pending.append((generated, nll))
+    return pending
+
+
+def _collect(
+    pending: list[tuple],
+    examples: Sequence[EvalExample],
+    owners: Sequence[int],
+    lanes: Lanes,
+    setup: _Setup,
+) -> tuple[list[ExampleScore], list[str]]:
+    """Decode and score on the host, in ``examples`` order (ROUGE runs while later batches are
+    still on the device)."""
+    by_index: dict[int, tuple[ExampleScore, str]] = {}
+    for depth, ((new_tokens, lengths), (sum_nll, n_tokens)) in enumerate(pending):
         new_tokens, lengths = np.asarray(new_tokens), np.asarray(lengths)
         sum_nll, n_tokens = np.asarray(sum_nll), np.asarray(n_tokens)
-        for i, ex in enumerate(real):
-            ids = strip_at_eos(new_tokens[i, : int(lengths[i])].tolist(), setup.eos_ids)
-            text = setup.tokenizer.decode(ids).strip()
-            predictions.append(text)
-            rouge, em = best_match(text, ex.references)
-            scores.append(
-                ExampleScore(
-                    client_id=int(client_ids[start + i]),
+        for k, lane in enumerate(lanes):
+            if lane[depth] is None:
+                continue  # a padding batch
+            for b, i in enumerate(lane[depth]):
+                ex = examples[i]
+                ids = strip_at_eos(new_tokens[k, b, : int(lengths[k, b])].tolist(), setup.eos_ids)
+                text = setup.tokenizer.decode(ids).strip()
+                rouge, em = best_match(text, ex.references)
+                score = ExampleScore(
+                    client_id=int(owners[i]),
                     category=ex.category,
                     rouge_l=rouge,
                     exact_match=em,
-                    sum_nll=float(sum_nll[i]),
-                    n_tokens=int(n_tokens[i]),
+                    sum_nll=float(sum_nll[k, b]),
+                    n_tokens=int(n_tokens[k, b]),
                 )
-            )
-    return scores, predictions
+                by_index[i] = (score, text)
+    ordered = [by_index[i] for i in range(len(examples))]
+    return [s for s, _ in ordered], [t for _, t in ordered]
+
+
+def _replicate(adapters: PyTree, k: int) -> PyTree:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), adapters)
 
 
 def _records(
@@ -326,18 +366,26 @@ def evaluate(
     both = global_adapters is not None and personal_adapters is not None
     if both and _replicates_global(personal_adapters, global_adapters):
         personal_adapters = None
-    global_scores, global_preds = None, None
+    # Both sections run as K lanes (K = clients) of one program: personal lane i = client i's
+    # split under its adapter; global = the union dealt over K lanes under K copies of the global
+    # adapter, so with equal splits both sections share one compiled shape.
+    # Everything is dispatched before any result is read, so the host decodes and scores one
+    # section while the device computes the next.
+    k = len(splits)
+    jobs = {}
     if global_adapters is not None:
-        global_scores, global_preds = _score(base, global_adapters, every, owners, setup)
+        dealt = _lanes([list(range(len(every)))[i::k] for i in range(k)], batch_size)
+        stacked = _replicate(global_adapters, k)
+        jobs["global"] = (dealt, _launch(base, stacked, every, dealt, setup))
+    if personal_adapters is not None:
+        own = _lanes([[j for j, o in enumerate(owners) if o == i] for i in range(k)], batch_size)
+        jobs["personal"] = (own, _launch(base, personal_adapters, every, own, setup))
+    done = {name: _collect(p, every, owners, lanes, setup) for name, (lanes, p) in jobs.items()}
+    global_scores, global_preds = done.get("global", (None, None))
     if personal_adapters is None:
         local_scores, local_preds, local_adapter = global_scores, global_preds, "global"
     else:
-        local_scores, local_preds, local_adapter = [], [], "personal"
-        for i, split in enumerate(splits):
-            adapters_i = jax.tree.map(lambda x, i=i: x[i], personal_adapters)
-            scores_i, preds_i = _score(base, adapters_i, split, [i] * len(split), setup)
-            local_scores += scores_i
-            local_preds += preds_i
+        (local_scores, local_preds), local_adapter = done["personal"], "personal"
     report = build_report(
         global_scores, local_scores, local_adapter=local_adapter, client_weights=client_weights
     )

@@ -65,20 +65,19 @@ def _select(logits: Array, key: Array, temperature: float, top_p: float) -> Arra
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "cfg",
-        "adapter_cfg",
-        "max_new_tokens",
-        "eos_ids",
-        "temperature",
-        "top_p",
-        "compute_dtype",
-        "pad_id",
-    ),
+_STATIC = (
+    "cfg",
+    "adapter_cfg",
+    "max_new_tokens",
+    "eos_ids",
+    "temperature",
+    "top_p",
+    "compute_dtype",
+    "pad_id",
 )
-def _generate_jit(
+
+
+def _generate_core(
     base: PyTree,
     adapters: PyTree | None,
     prompt_tokens: Array,
@@ -138,15 +137,36 @@ def _generate_jit(
     return out, lengths.astype(jnp.int32)
 
 
+_generate_jit = jax.jit(_generate_core, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_stacked_jit(
+    base: PyTree,
+    adapters: PyTree,
+    prompt_tokens: Array,
+    prompt_mask: Array,
+    key: Array,
+    **static: Any,
+) -> tuple[Array, Array]:
+    """``_generate_core`` vmapped over a leading adapter axis (one prompt batch per adapter); the
+    vmapped ``while_loop`` runs until every sequence of every adapter has emitted EOS."""
+
+    def one(adapters: PyTree, tokens: Array, mask: Array) -> tuple[Array, Array]:
+        return _generate_core(base, adapters, tokens, mask, key, **static)
+
+    return jax.vmap(one)(adapters, prompt_tokens, prompt_mask)
+
+
 def _check_left_padded(prompt_mask: Any) -> None:
     """Reject right-padded or empty prompt rows when the mask is concrete (not traced)."""
     if isinstance(prompt_mask, jax.core.Tracer):
         return
     m = np.asarray(prompt_mask)
-    if m.ndim != 2 or not np.all(m[:, -1] == 1) or np.any(np.diff(m, axis=1) < 0):
+    if m.ndim < 2 or not np.all(m[..., -1] == 1) or np.any(np.diff(m, axis=-1) < 0):
         raise ValueError(
-            "generate: prompt_mask must be [B, P] and left-padded (each row 0...0 1...1 with a "
-            "real last token); build it with fedlora_jax.model.generate.left_pad"
+            "generate: prompt_mask must be [B, P] ([K, B, P] stacked) and left-padded (each row "
+            "0...0 1...1 with a real last token); build it with fedlora_jax.model.generate.left_pad"
         )
 
 
@@ -172,6 +192,57 @@ def generate(
     ``new_tokens[i, :lengths[i]]``, EOS included when one was emitted; later slots hold
     ``pad_id`` (default cfg.pad_token_id, else 0). ``eos_ids`` defaults to cfg.eos_ids.
     """
+    static = _static(
+        cfg, adapter_cfg, max_new_tokens, eos_ids, temperature, top_p, key, compute_dtype, pad_id
+    )
+    return _generate_jit(*_checked(base, adapters, prompt_tokens, prompt_mask, key), **static)
+
+
+def generate_stacked(
+    base: PyTree,
+    adapters: PyTree,
+    prompt_tokens: Array,
+    prompt_mask: Array,
+    *,
+    cfg: LlamaConfig,
+    adapter_cfg: AdapterConfig | None = None,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    key: Array | None = None,
+    compute_dtype: Any = jnp.float32,
+    pad_id: int | None = None,
+) -> tuple[Array, Array]:
+    """``generate`` for K adapters at once: ``adapters`` leaves carry a leading axis K, prompts
+    are [K, B, P] (batch k under adapter k); returns [K, B, max_new_tokens] and lengths [K, B].
+    One program for every client's personal evaluation (the eval harness)."""
+    static = _static(
+        cfg, adapter_cfg, max_new_tokens, eos_ids, temperature, top_p, key, compute_dtype, pad_id
+    )
+    return _generate_stacked_jit(
+        *_checked(base, adapters, prompt_tokens, prompt_mask, key), **static
+    )
+
+
+def _checked(base: PyTree, adapters: PyTree, tokens: Any, mask: Any, key: Array | None) -> tuple:
+    _check_left_padded(mask)
+    key = jax.random.PRNGKey(0) if key is None else key
+    return base, adapters, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32), key
+
+
+def _static(
+    cfg: LlamaConfig,
+    adapter_cfg: AdapterConfig | None,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] | None,
+    temperature: float,
+    top_p: float,
+    key: Array | None,
+    compute_dtype: Any,
+    pad_id: int | None,
+) -> dict[str, Any]:
+    """The validated static arguments of the jitted generators (one line per bad value)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0.0 < top_p <= 1.0:
@@ -180,15 +251,9 @@ def generate(
         )
     if temperature > 0 and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a PRNG key")
-    _check_left_padded(prompt_mask)
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    return _generate_jit(
-        base,
-        adapters,
-        jnp.asarray(prompt_tokens, jnp.int32),
-        jnp.asarray(prompt_mask, jnp.int32),
-        jax.random.PRNGKey(0) if key is None else key,
+    return dict(
         cfg=cfg,
         adapter_cfg=adapter_cfg,
         max_new_tokens=int(max_new_tokens),
