@@ -297,15 +297,23 @@ def test_dropout_keys_differ_per_layer_and_module(stories_jax):
 # ----------------------------------------------------------------------------- remat, bf16
 
 
-def test_remat_gives_identical_values_and_grads(stories_jax):
+@pytest.mark.parametrize("remat", [True, "layer", "dots_saveable"])
+def test_remat_gives_identical_values_and_grads(stories_jax, remat):
     cfg, base = stories_jax
     adapters = _nonzero_lora(cfg, LORA_QV, seed=5)
     tokens, mask = _batch(cfg.vocab_size, 2, 16, "right", seed=3)
     v0, g0 = VALUE_AND_GRAD(base, adapters, tokens, mask, cfg, LORA_QV)
-    v1, g1 = VALUE_AND_GRAD(base, adapters, tokens, mask, cfg, LORA_QV, remat=True)
+    v1, g1 = VALUE_AND_GRAD(base, adapters, tokens, mask, cfg, LORA_QV, remat=remat)
     # equal up to float reassociation (XLA fuses the recomputed layer differently)
     np.testing.assert_allclose(v0, v1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
+
+
+def test_unknown_remat_policy_is_one_line(stories_jax):
+    cfg, base = stories_jax
+    tokens, mask = _batch(cfg.vocab_size, 1, 8, "none")
+    with pytest.raises(ValueError, match="remat='sometimes' is not allowed; allowed: none, layer"):
+        llama.apply(base, None, tokens, mask, cfg=cfg, remat="sometimes")
 
 
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])

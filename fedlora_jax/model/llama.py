@@ -237,6 +237,23 @@ def _slice_layers(tree: PyTree, start: int, end: int, total: int) -> PyTree:
 # ----------------------------------------------------------------------------- forward
 
 
+REMAT_POLICIES = ("none", "layer", "dots_saveable")
+
+
+def _remat(body: Any, remat: bool | str) -> Any:
+    """The layer body under a remat policy: ``none`` (False) keeps every activation for the
+    backward, ``layer`` (True) keeps only the layer inputs and recomputes the rest, and
+    ``dots_saveable`` keeps the matmul outputs too (recomputing only the cheap elementwise ops).
+    docs/model.md has the measured memory of each."""
+    if remat is False or remat == "none":
+        return body
+    if remat is True or remat == "layer":
+        return jax.checkpoint(body, prevent_cse=False)
+    if remat == "dots_saveable":
+        return jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
+    raise ValueError(f"remat={remat!r} is not allowed; allowed: {', '.join(REMAT_POLICIES)}")
+
+
 def _run_layers(
     base: PyTree,
     adapters: PyTree,
@@ -246,7 +263,7 @@ def _run_layers(
     cfg: LlamaConfig,
     adapter_cfg: AdapterConfig | None,
     dropout_key: Array | None,
-    remat: bool,
+    remat: bool | str,
     **layer_kwargs: Any,
 ) -> tuple[Array, tuple[Array, Array] | None]:
     """Scan the decoder layers, one scan per segment of identical adapter structure."""
@@ -267,8 +284,7 @@ def _run_layers(
             **layer_kwargs,
         )
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+    body = _remat(body, remat)
 
     def step(carry: Array, xs: tuple) -> tuple[Array, Any]:
         return body(carry, *xs)
@@ -308,7 +324,7 @@ def hidden(
     adapter_cfg: AdapterConfig | None = None,
     dropout_key: Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> Array:
     """Final-normed hidden states [B, T, d] (compute dtype); ``apply`` minus the LM head."""
     cos, sin = _rope_cos_sin(cfg, segment_positions(attn_mask), compute_dtype)
@@ -340,14 +356,15 @@ def apply(
     adapter_cfg: AdapterConfig | None = None,
     dropout_key: Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> Array:
     """Logits [B, T, V] float32 for tokens [B, T] with ``attn_mask`` (1 = real; left or right pad).
 
     ``attn_mask`` may hold segment ids of packed rows (0 = pad, 1..S): attention stays inside a
     segment and positions restart per segment (``segment_positions``, ``segment_mask``).
 
-    ``dropout_key`` None = no adapter dropout (eval). ``remat`` checkpoints each layer.
+    ``dropout_key`` None = no adapter dropout (eval). ``remat`` checkpoints each layer: a policy
+    of ``REMAT_POLICIES`` (True = "layer", False = "none").
     """
     h = hidden(
         base,
