@@ -28,7 +28,7 @@ import pathlib
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -156,7 +156,7 @@ class Checkpointer:
                 state, meta = self._restore(s, like)
             except ValueError as e:
                 failures.append(f"{self._step_dir(s)} ({_brief(e)})")
-                _collect_orbax_leftovers()
+                _quiet_failed_read_leftovers()
                 continue
             for bad in failures:
                 log.warning("checkpoint %s is unreadable; resumed from round %d instead", bad, s)
@@ -254,22 +254,29 @@ class Checkpointer:
         return f"; checkpoint {self._step_dir(max(steps))} is intact" if steps else ""
 
 
-def _collect_orbax_leftovers() -> None:
-    """A failed orbax read leaves coroutines unfinished; collected later, each prints an
-    "Exception ignored in: <coroutine ...>" dump. Collect them now, without the dumps (the
-    caller reports the failure in one line)."""
-    hook = sys.unraisablehook
+def _quiet_failed_read_leftovers() -> None:
+    """A failed orbax read leaves work behind that reports the same failure again, as Python
+    "unraisable" dumps: its coroutines when collected, and tensorstore callbacks that post to
+    orbax's closed event loop ("Event loop is closed") a moment later. The caller reports the
+    failure in one line; from now on those echoes are dropped (every other unraisable still
+    reaches the previous hook), and the coroutines are collected now."""
+    if not isinstance(sys.unraisablehook, _DropReadLeftovers):
+        sys.unraisablehook = _DropReadLeftovers(sys.unraisablehook)
+    gc.collect()
 
-    def quiet(u: Any) -> None:
+
+class _DropReadLeftovers:
+    def __init__(self, previous: Callable[[Any], object]) -> None:
+        self.previous = previous
+
+    def __call__(self, u: Any) -> None:
         code = getattr(u.object, "cr_code", None)
-        if code is None or "orbax" not in code.co_filename:
-            hook(u)
-
-    sys.unraisablehook = quiet
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+        orbax_coroutine = code is not None and "orbax" in code.co_filename
+        closed_loop = isinstance(u.exc_value, RuntimeError) and (
+            str(u.exc_value) == "Event loop is closed"
+        )
+        if not (orbax_coroutine or closed_loop):
+            self.previous(u)
 
 
 def _describe(identity: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tqdm
@@ -68,6 +68,13 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rewrite_metrics(run_dir: str | pathlib.Path, history: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``metrics.jsonl`` anew from a checkpoint's metric history (``history[i]`` is round
+    i + 1): on resume, this repairs a last line torn by a kill mid-write."""
+    rows = ({"round": i, **row} for i, row in enumerate(history, 1))
+    (pathlib.Path(run_dir) / METRICS_FILE).write_text("".join(map(_json_line, rows)))
 
 
 def _json_line(row: Mapping[str, Any]) -> str:

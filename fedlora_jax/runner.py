@@ -17,6 +17,7 @@ import inspect
 import json
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,7 +43,14 @@ from fedlora_jax.data.tokenize import TokenizedSet
 from fedlora_jax.eval.harness import EvalExample, evaluate, from_tokenized
 from fedlora_jax.federated.engine import EngineConfig, EngineState, init_state, run_round
 from fedlora_jax.federated.sampling import num_sampled
-from fedlora_jax.logging import MetricsLogger, excluded_clients, flatten, json_safe, no_valid_client
+from fedlora_jax.logging import (
+    MetricsLogger,
+    excluded_clients,
+    flatten,
+    json_safe,
+    no_valid_client,
+    rewrite_metrics,
+)
 from fedlora_jax.model.config import LlamaConfig
 from fedlora_jax.model.hub import resolve_model
 from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, drop_line, write_results
@@ -50,8 +58,14 @@ from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, drop_line, write_re
 PyTree = Any
 CLIENT_TABLE_FILE = "clients.csv"
 CHECKPOINT_DIR = "checkpoints"
-# Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = ("federated.rounds", "run.", "checkpoint.", "eval.every")
+# Keys that may differ between a run and its resumption: where the run lives, how often it
+# checkpoints and evaluates, how long it runs, and what a round with no valid client does. None
+# changes what a round computes. run.seed does (initialisation, client sampling), as does every
+# other key; so does federated.rounds for a builder that takes the run length (``_resumable``).
+RESUMABLE_CHANGES = (
+    "federated.rounds", "run.out_dir", "run.name", "run.tag", "run.on_no_valid_client",
+    "checkpoint.", "eval.every",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -255,18 +269,22 @@ def run(
     run_dir = pathlib.Path(cfg.run.out_dir) / config_lib.run_name(cfg)
     _prepare_run_dir(run_dir, cfg, resume)
     setup = setup or build(cfg, verbose=progress)
-    print(f"[data] {drop_line(data_summary(setup.data))}")
-    setup.data.table.to_csv(run_dir / CLIENT_TABLE_FILE)
-    if progress:
-        print(f"client x category table ({CLIENT_TABLE_FILE}):\n{setup.data.table.to_text()}")
-
     state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
     history: list[dict[str, Any]] = []
     rounds = cfg.federated.rounds
-    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep) as ckpt:
+    keep = cfg.checkpoint.keep
+    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=keep, identity=_identity(cfg)) as ckpt:
+        ckpt.ensure_space(state, copies=keep + 1)  # the kept rounds and the one being written
         if resume and ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)
             history = list(meta["history"])
+        if resume:  # from the checkpoint's history: repairs a line torn by a kill mid-write
+            rewrite_metrics(run_dir, history)
+        _write_config(run_dir, cfg)  # only now, with model and data ready, does the run exist
+        print(f"[data] {drop_line(data_summary(setup.data))}")
+        setup.data.table.to_csv(run_dir / CLIENT_TABLE_FILE)
+        if progress:
+            print(f"client x category table ({CLIENT_TABLE_FILE}):\n{setup.data.table.to_text()}")
         with MetricsLogger(
             run_dir, rounds=rounds, resume_round=state.round, progress=progress, echo=echo
         ) as logger:
@@ -318,6 +336,16 @@ def _halt_reason(
 def data_summary(data: FederatedData) -> dict[str, Any]:
     """Rows the data pipeline dropped (reason -> count) and exact duplicates it found."""
     return {"drop_counts": dict(data.drop_counts), "duplicates": int(data.duplicates)}
+
+
+def _identity(cfg: ConfigDict) -> dict[str, Any]:
+    """What a checkpoint's state shape depends on, stored in its meta so that restoring it into
+    another config is one line naming both (instead of orbax's tree dump)."""
+    a = cfg.adapter
+    return {
+        "algorithm": cfg.algorithm.name, "adapter": config_lib.adapter_kind(cfg), "rank": a.r,
+        "targets": a.targets, "model": cfg.model.spec,
+    }  # fmt: skip
 
 
 def _meta(state: EngineState, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -424,15 +452,17 @@ def evaluate_checkpoint(
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    cfg = config_lib.from_dict(json.loads(saved.read_text()))
+    cfg = config_lib.from_dict(_read_config(saved))
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"evaluate: only eval.* keys may be overridden, got {bad}")
     config_lib.apply_overrides(cfg, overrides)
     config_lib.validate(cfg)
-    setup = setup or build(cfg, verbose=False)
-    state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
-    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep) as ckpt:
+    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, identity=_identity(cfg))
+    with ckpt:
+        ckpt.check_identity(round_)  # before the expensive build
+        setup = setup or build(cfg, verbose=False)
+        state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
         state, _ = ckpt.restore(state, step=round_)
     report = evaluate_state(cfg, setup, state)
     report["round"] = int(state.round)
@@ -443,30 +473,75 @@ def evaluate_checkpoint(
 
 
 def _prepare_run_dir(run_dir: pathlib.Path, cfg: ConfigDict, resume: bool) -> None:
+    """Check, before the expensive build, that ``run_dir`` can take this run: a new run needs a
+    directory without ``config.json`` (a failed start leaves none), a resumed one the same config
+    up to ``RESUMABLE_CHANGES``; and the directory must be writable. ``config.json`` itself is
+    written by ``_write_config`` once the model and data are ready."""
     saved_path = run_dir / CONFIG_FILE
-    current = config_lib.to_dict(cfg)
-    if saved_path.exists():
-        if not resume:
+    if resume:
+        if not saved_path.is_file():
             raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it, or set "
-                "run.name / run.out_dir for a new one"
+                f"--resume: nothing to resume at {run_dir} (no {CONFIG_FILE}); drop --resume to "
+                "start the run"
             )
-        changed = _changed_keys(json.loads(saved_path.read_text()), current)
+        allowed = _resumable(cfg)
+        changed = _changed_keys(_read_config(saved_path), config_lib.to_dict(cfg), allowed)
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from {saved_path} in {', '.join(changed)}; "
-                f"only {', '.join(RESUMABLE_CHANGES)} may change"
+                f"only {', '.join(allowed)} may change"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved_path.write_text(json.dumps(current, indent=1, sort_keys=True))
+    elif saved_path.exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or set "
+            "run.name / run.out_dir for a new one"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        reason = "not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+        raise ConfigError(
+            f"run.out_dir={cfg.run.out_dir!r}: cannot write the run directory "
+            f"{e.filename or run_dir}: {reason}"
+        ) from None
 
 
-def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def _resumable(cfg: ConfigDict) -> tuple[str, ...]:
+    """``RESUMABLE_CHANGES`` less federated.rounds when the algorithm's builder derives its
+    schedule from the run length (FedLoRA-Optimizer's ``local_phase=final``)."""
+    takes_rounds = "rounds" in inspect.signature(algorithms.get(cfg.algorithm.name)).parameters
+    if takes_rounds and "rounds" not in cfg.algorithm.options:
+        return tuple(k for k in RESUMABLE_CHANGES if k != "federated.rounds")
+    return RESUMABLE_CHANGES
+
+
+def _read_config(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); it is the "
+            "run's saved config: restore it, or start a new run elsewhere"
+        ) from None
+
+
+def _write_config(run_dir: pathlib.Path, cfg: ConfigDict) -> None:
+    """Write ``config.json`` atomically (a kill mid-write leaves the old one or none)."""
+    tmp = run_dir / f"{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config_lib.to_dict(cfg), indent=1, sort_keys=True))
+    tmp.replace(run_dir / CONFIG_FILE)
+
+
+def _changed_keys(
+    old: Mapping[str, Any], new: Mapping[str, Any], allowed: tuple[str, ...] = RESUMABLE_CHANGES
+) -> list[str]:
     flat_old, flat_new = _flat(old), _flat(new)
     keys = sorted(set(flat_old) | set(flat_new))
     return [
         k for k in keys
-        if flat_old.get(k) != flat_new.get(k) and not k.startswith(RESUMABLE_CHANGES)
+        if flat_old.get(k) != flat_new.get(k) and not k.startswith(allowed)
     ]  # fmt: skip
 
 
