@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import fedlora_jax
+from fedlora_jax.model.convert import ModelNotFoundError
+from fedlora_jax.model.tokenizer import TokenizerLoadError, load_gguf_tokenizer
 
 DOLLY = (
     Path(fedlora_jax.__file__).resolve().parent
@@ -161,3 +163,53 @@ def test_chat_template_text_and_ids(ours, ref, dolly_rows: list[dict]) -> None:
     text = ours.apply_chat_template(conversations[0], tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert text.endswith(f"<|im_start|>user\n{a['instruction']}<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ------------------------------------------------ small hand-made GGUFs: hand-worked ids, errors
+
+
+def tiny_gguf(path: Path, model: str = "gpt2", tokens=("a", "b", "ab", "<s>"), bos=3) -> Path:
+    """A metadata-only GGUF: vocabulary a, b, ab, <s> (control), one merge "a b"."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre("smollm")
+    if tokens:
+        w.add_token_list(list(tokens))
+        w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_gguf_by_hand(tmp_path: Path) -> None:
+    tok = load_gguf_tokenizer(tiny_gguf(tmp_path / "t.gguf"))
+    assert tok("abab<s>ab")["input_ids"] == [2, 2, 3, 2]  # merge a+b; <s> kept whole
+    assert tok.bos_token == "<s>" and tok.eos_token is None
+    assert tok.decode([2, 0, 3], skip_special_tokens=True) == "aba"
+
+
+def test_bad_gguf_tokenizers_say_what_and_where(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(TokenizerLoadError, match=r"t1.gguf: tokenizer.ggml.bos_token_id=9 is "):
+        load_gguf_tokenizer(tiny_gguf(tmp_path / "t1.gguf", bos=9))
+    with pytest.raises(TokenizerLoadError, match=r"t2.gguf: no tokenizer in this GGUF"):
+        load_gguf_tokenizer(tiny_gguf(tmp_path / "t2.gguf", tokens=()))
+    with pytest.raises(ModelNotFoundError, match=r"none.gguf: no such GGUF file"):
+        load_gguf_tokenizer(tmp_path / "none.gguf")
+    # a kind only transformers' reader builds, on an install without torch
+    from transformers import AutoTokenizer
+
+    def no_torch(*args, **kwargs):
+        raise ImportError("Could not import module 'read_gguf_metadata'")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_torch)
+    with pytest.raises(
+        TokenizerLoadError,
+        match=r"t3.gguf: tokenizer kind 'llama' .* needs torch .*without torch, byte-level BPE",
+    ):
+        load_gguf_tokenizer(tiny_gguf(tmp_path / "t3.gguf", model="llama"))

@@ -152,8 +152,8 @@ def build_byte_level_bpe(spec: GGUFTokenizerSpec) -> Any:
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    PreTrainedTokenizerFast = _transformers().PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    transformers = _transformers()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # after the quiet import
 
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -197,7 +197,7 @@ def build_byte_level_bpe(spec: GGUFTokenizerSpec) -> Any:
             if kind == _USER_DEFINED and t in vocab
         ]
     )
-    return PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         **spec.special,
         add_bos_token=spec.add_bos,
