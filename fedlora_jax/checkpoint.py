@@ -284,7 +284,10 @@ def _describe(identity: dict[str, Any]) -> str:
 
 
 def _nbytes(tree: PyTree) -> int:
-    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+    """Array bytes of ``tree``, without copying device arrays to the host."""
+    return sum(
+        int(getattr(x, "nbytes", None) or np.asarray(x).nbytes) for x in jax.tree.leaves(tree)
+    )
 
 
 def _mb(n: int) -> str:
