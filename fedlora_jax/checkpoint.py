@@ -159,7 +159,7 @@ class Checkpointer:
                 _quiet_failed_read_leftovers()
                 continue
             for bad in failures:
-                log.warning("checkpoint %s is unreadable; resumed from round %d instead", bad, s)
+                log.warning("checkpoint %s is unreadable; using round %d instead", bad, s)
             self._set_aside(after=s, damaged=candidates[: len(failures)])
             return state, meta
         hint = (

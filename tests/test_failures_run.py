@@ -162,7 +162,7 @@ def test_resume_falls_back_from_a_truncated_checkpoint(
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     resumed = runner.run(_cfg(copied), setup=setup, progress=False, resume=True)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(f"checkpoint {ckpts / '2'} (" in w and "from round 1" in w for w in warned), warned
+    assert any(f"checkpoint {ckpts / '2'} (" in w and "using round 1" in w for w in warned), warned
     _assert_same_state(resumed.state, finished.state)
     assert (ckpts / "2.damaged").is_dir()
     assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2", "2.damaged"]
