@@ -6,6 +6,9 @@ the whole test set, rounded up to a multiple of ``LENGTH_BUCKET``), and the jitt
 cached per static configuration (``generate`` jits with the configs static; the loss function is
 cached here). So one ``evaluate`` call compiles each function once for all clients, and later
 calls on the same test sets (every round) compile nothing.
+
+Both sections run as K lanes of one vmapped program (K = clients): personal lane i is client i's
+split under its adapter, global deals the union over the lanes under copies of the global adapter.
 """
 
 from __future__ import annotations
