@@ -173,9 +173,9 @@ def _fill_layer(stack: np.ndarray, i: int, x: np.ndarray, transpose: bool) -> No
     np.copyto(_bits(stack[i]), _bits(x).T if transpose else _bits(x))
 
 
-def _assemble(cfg: LlamaConfig, src: _Source, dtype: np.dtype | None) -> PyTree:
+def check_source(cfg: LlamaConfig, src: _Source) -> None:
+    """Every tensor the config needs is present with its shape, and nothing unexpected is."""
     present = src.names()
-    base: dict[str, Any] = {}
     used: set[str] = set()
     for p in param_specs(cfg):
         names = p.names(cfg.num_layers)
@@ -193,12 +193,6 @@ def _assemble(cfg: LlamaConfig, src: _Source, dtype: np.dtype | None) -> PyTree:
                     f"{src.where}: tensor {n!r} has shape {list(src.shape(n))}, but the config "
                     f"implies {list(p.hf_shape())}"
                 )
-        host = _aligned_empty((len(names), *p.shape), np.dtype(dtype or src.dtype(names[0])))
-        for i, n in enumerate(names):
-            _fill_layer(host, i, src.read(n), p.transpose)
-        # One stacked leaf at a time goes to the device and its host copy is freed at once.
-        _put(base, p.path, jnp.asarray(host if p.per_layer else host[0]))
-        del host
         used.update(names)
     extra = sorted(
         n
@@ -210,6 +204,19 @@ def _assemble(cfg: LlamaConfig, src: _Source, dtype: np.dtype | None) -> PyTree:
             f"{src.where}: unexpected tensor(s) {extra[:3]}{' ...' if len(extra) > 3 else ''}; "
             "a plain LLaMA (no biases) has only embed/attn/mlp/norm weights"
         )
+
+
+def _assemble(cfg: LlamaConfig, src: _Source, dtype: np.dtype | None) -> PyTree:
+    check_source(cfg, src)
+    base: dict[str, Any] = {}
+    for p in param_specs(cfg):
+        names = p.names(cfg.num_layers)
+        host = _aligned_empty((len(names), *p.shape), np.dtype(dtype or src.dtype(names[0])))
+        for i, n in enumerate(names):
+            _fill_layer(host, i, src.read(n), p.transpose)
+        # One stacked leaf at a time goes to the device and its host copy is freed at once.
+        _put(base, p.path, jnp.asarray(host if p.per_layer else host[0]))
+        del host
     return base
 
 
