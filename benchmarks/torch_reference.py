@@ -93,16 +93,39 @@ def masked_nll(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tens
     return (nll * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def train_client(model: Any, batches: Mapping[str, torch.Tensor], hp: Mapping[str, Any]) -> None:
-    """``steps`` AdamW steps on one client's batches (leaves [steps, batch, seq])."""
+Steps = list[dict[str, torch.Tensor]]  # one client's steps, each {tokens, loss_mask, attn_mask}
+
+
+def load_batches(path: str, device: str) -> list[Steps]:
+    """Per client, its steps' batches. A fixed-shape file holds ``tokens, loss_mask, attn_mask``
+    [K, S, B, T]; a ragged one (HF-collator dynamic padding: each step padded to its own longest
+    example) holds ``k/s/name`` entries [B_ks, T_ks]."""
+    data = np.load(path)
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x.astype(np.int64)).to(device)
+
+    if "tokens" in data.files:
+        k, s = data["tokens"].shape[:2]
+        return [
+            [{n: tensor(data[n][i, j]) for n in data.files} for j in range(s)] for i in range(k)
+        ]
+    keys = [f.split("/") for f in data.files]
+    k, s = (max(int(key[i]) for key in keys) + 1 for i in (0, 1))
+    names = ("tokens", "loss_mask", "attn_mask")
+    return [[{n: tensor(data[f"{i}/{j}/{n}"]) for n in names} for j in range(s)] for i in range(k)]
+
+
+def train_client(model: Any, steps: Steps, hp: Mapping[str, Any]) -> None:
+    """One AdamW step per batch of ``steps`` (a client's local steps)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params, lr=hp["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=hp["weight_decay"]
     )
     model.train()
-    for s in range(batches["tokens"].shape[0]):
-        logits = model(input_ids=batches["tokens"][s], attention_mask=batches["attn_mask"][s])
-        loss = masked_nll(logits.logits, batches["tokens"][s], batches["loss_mask"][s])
+    for batch in steps:
+        logits = model(input_ids=batch["tokens"], attention_mask=batch["attn_mask"])
+        loss = masked_nll(logits.logits, batch["tokens"], batch["loss_mask"])
         loss.backward()
         if hp["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, hp["grad_clip"])
@@ -122,17 +145,17 @@ def fedavg(states: list[dict[str, torch.Tensor]], sizes: list[float]) -> dict[st
 def run_round(
     model: Any,
     global_state: dict[str, torch.Tensor],
-    batches: Mapping[str, torch.Tensor],
+    batches: list[Steps],
     sizes: list[float],
     hp: Mapping[str, Any],
 ) -> dict[str, torch.Tensor]:
-    """One round over all K clients (leaves [K, steps, batch, seq]); returns the new global."""
+    """One round over all K clients (``load_batches``); returns the new global."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     local_states = []
     for k in range(len(sizes)):
         set_peft_model_state_dict(model, global_state)
-        train_client(model, {n: v[k] for n, v in batches.items()}, hp)
+        train_client(model, batches[k], hp)
         local_states.append(copy.deepcopy(get_peft_model_state_dict(model)))
     return fedavg(local_states, sizes)
 
@@ -149,8 +172,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("remat"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    data = np.load(spec["batches"])
-    batches = {n: torch.from_numpy(data[n].astype(np.int64)).to(device) for n in data.files}
+    batches = load_batches(spec["batches"], device)
     init = np.load(spec["init_adapters"])
     state = {"global": {n: torch.from_numpy(init[n]).to(device) for n in init.files}}
     sizes = [float(s) for s in spec["sizes"]]
