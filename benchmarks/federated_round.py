@@ -125,13 +125,13 @@ def flops_per_token(cfg: LlamaConfig, r: int, targets: str, seq: int) -> float:
     and token: forward QKᵀ + PV = 4·T·d_q, backward twice that → 12·L·T·d_q.
     """
     from fedlora_jax.adapters import AdapterConfig, select_targets
-    from fedlora_jax.adapters.tree import module_shape
+    from fedlora_jax.model.config import linear_specs
 
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     dq, dkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     n_frozen = L * (2 * d * dq + 2 * d * dkv + 3 * d * f) + d * cfg.vocab_size
     paths = select_targets(L, AdapterConfig(r=r, targets=targets))
-    n_lora = sum(r * sum(module_shape(cfg, p)) for p in paths)
+    n_lora = sum(r * sum(linear_specs(cfg)[p]) for p in paths)
     return 4.0 * n_frozen + 6.0 * n_lora + 12.0 * L * seq * dq
 
 

@@ -13,7 +13,6 @@ Run directory: ``config.json`` (resolved config), ``clients.csv`` (client x cate
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import pathlib
 import sys
@@ -29,7 +28,8 @@ from ml_collections import ConfigDict
 from fedlora_jax import algorithms
 from fedlora_jax import config as config_lib
 from fedlora_jax.adapters.base import AdapterConfig
-from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase
+from fedlora_jax.algorithms.base import Algorithm, OptionsError, Phase
+from fedlora_jax.algorithms.training import ClientTraining
 from fedlora_jax.checkpoint import Checkpointer
 from fedlora_jax.config import ConfigError
 from fedlora_jax.data.batches import (
@@ -42,6 +42,7 @@ from fedlora_jax.data.pipeline import FederatedData, prepare_federated_data
 from fedlora_jax.data.tokenize import TokenizedSet
 from fedlora_jax.eval.harness import EvalExample, evaluate, from_tokenized
 from fedlora_jax.federated.engine import EngineConfig, EngineState, init_state, run_round
+from fedlora_jax.federated.engine import models as engine_models
 from fedlora_jax.federated.sampling import num_sampled
 from fedlora_jax.logging import (
     MetricsLogger,
@@ -135,28 +136,21 @@ def engine_config(cfg: ConfigDict) -> EngineConfig:
         clients_per_round=f.clients_per_round or None,
         client_fraction=f.client_fraction or None,
         seed=cfg.run.seed,
+        rounds=f.rounds,
     )
 
 
 def build_algorithm(cfg: ConfigDict, training: ClientTraining, num_clients: int) -> Algorithm:
-    """``algorithms.get(name)(training, **options)``; a wrong option is a one-line error.
-
-    A builder that takes ``rounds`` (FedLoRA-Optimizer's ``local_phase=final``) gets
-    ``federated.rounds`` unless the option is set, so the run length is stated once."""
+    """``algorithms.get(name)(training, **options)``; a wrong option is a one-line error
+    (``algorithms.base.OptionsError``) listing the valid options with types and defaults."""
     builder = algorithms.get(cfg.algorithm.name)
     options = cfg.algorithm.options.to_dict()
     if cfg.algorithm.name == "centralized":  # same examples per round as the federated runs
         options.setdefault("clients_per_round", sampled_per_round(cfg, num_clients))
-    if "rounds" in inspect.signature(builder).parameters:
-        options.setdefault("rounds", cfg.federated.rounds)
     try:
         return builder(training, **options)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        raise ConfigError(
-            f"algorithm.options: {e}; see the docstring of algorithm {cfg.algorithm.name!r}"
-        ) from None
+    except OptionsError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_model(cfg: ConfigDict) -> tuple[LlamaConfig, PyTree, Any]:
@@ -412,11 +406,12 @@ def eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 
 def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[str, Any]:
     """The eval harness's global/local report for the models in ``state``."""
-    global_adapters, personal = setup.algorithm.models(state.server_state, state.client_states)
+    models = engine_models(setup.algorithm, state, len(setup.data.clients), setup.engine)
+    personal = None if models.personal_is_global else models.personal
     tests = client_test_sets(setup.data, cfg.eval.max_examples_per_client)
     sizes = setup.data.weights
     return evaluate(
-        setup.base, global_adapters, personal, tests,
+        setup.base, models.global_, personal, tests,
         cfg=setup.model_cfg, adapter_cfg=setup.training.adapter, tokenizer=setup.tokenizer,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         compute_dtype=jnp.dtype(cfg.model.compute_dtype),

@@ -33,12 +33,15 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from fedlora_jax.adapters import AdapterConfig, init_adapters  # noqa: E402
 from fedlora_jax.algorithms.base import ClientTraining  # noqa: E402
-from fedlora_jax.algorithms.common import label_all  # noqa: E402
+from fedlora_jax.algorithms.training import (  # noqa: E402
+    local_train,
+    make_loss_fn,
+    make_optimizer,
+)
 from fedlora_jax.analysis.sensitivity import METRICS, PAPER_RATIOS, tree_sensitivity  # noqa: E402
 from fedlora_jax.data.rows import DataError  # noqa: E402
 from fedlora_jax.data.sources import load_dolly  # noqa: E402
 from fedlora_jax.data.tokenize import tokenize_examples  # noqa: E402
-from fedlora_jax.federated.local import local_train, make_loss_fn, make_optimizer  # noqa: E402
 from fedlora_jax.model.hub import resolve_model  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -124,7 +127,7 @@ def train_tasks(args: argparse.Namespace, categories: list[str]) -> tuple[list, 
     )
     batches = task_batches(load_dolly(verbose=False).examples, categories, resolved.tokenizer, args)
     init = init_adapters(jax.random.PRNGKey(args.seed), resolved.cfg, adapter)
-    labels = label_all("global")  # every component trains, as in the paper's study
+    labels = lambda p: jax.tree.map(lambda _: "shared", p)  # noqa: E731  (every component trains)
     tx = make_optimizer(training, labels, args.steps)
     loss_fn = make_loss_fn(training)
 

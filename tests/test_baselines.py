@@ -43,6 +43,7 @@ def np_fedavg(stacked, w):
 
 WEIGHTS = np.array([2.0, 0.0, 6.0], np.float32)  # client 1 excluded this round
 IDS = jnp.array([0, 2, 3])
+INFO = E.RoundInfo(jnp.int32(0), jax.random.key(0), None, N)
 
 
 def poison_excluded(stacked):
@@ -54,8 +55,9 @@ def upload_shape(alg, base, server, clients):
     row = jax.tree.map(lambda x: x[0], clients)
     toks = jnp.zeros((phase.steps, 2, 8), jnp.int32)
     batch = {"tokens": toks, "loss_mask": toks, "attn_mask": toks}
-    payload = phase.broadcast(server, IDS)
-    return jax.eval_shape(phase.client_update, base, payload, row, batch, jax.random.PRNGKey(0))[0]
+    payload = phase.broadcast(server, IDS, INFO)
+    key = jax.random.PRNGKey(0)
+    return jax.eval_shape(phase.client_update, base, payload, row, batch, key, INFO)[0]
 
 
 def test_registry_lists_the_baselines():
@@ -67,36 +69,40 @@ def test_registry_lists_the_baselines():
 def test_fedit_aggregate_is_fedavg_of_A_and_B(training):
     alg = get("fedit")(training)
     server, _ = alg.init(jax.random.PRNGKey(0), None, N)
-    uploads = stacked_like(server["adapters"], 3, 1)
-    got = alg.phases[0].aggregate(server, poison_excluded(uploads), WEIGHTS, IDS)
-    assert_trees_close(got["adapters"], np_fedavg(uploads, WEIGHTS))
+    uploads = stacked_like(server.params, 3, 1)
+    got = alg.phases[0].aggregate(server, poison_excluded(uploads), WEIGHTS, IDS, INFO)
+    assert_trees_close(got.params, np_fedavg(uploads, WEIGHTS))
 
 
 def test_ffa_lora_aggregates_B_and_keeps_the_seed(training):
     alg = get("ffa_lora")(training)
-    server, _ = alg.init(jax.random.PRNGKey(0), None, N)
-    uploads = stacked_like(server["B"], 3, 2)
-    got = alg.phases[0].aggregate(server, poison_excluded(uploads), WEIGHTS, IDS)
-    assert_trees_close(got["B"], np_fedavg(uploads, WEIGHTS))
-    np.testing.assert_array_equal(got["a_key"], server["a_key"])
+    server, clients = alg.init(jax.random.PRNGKey(0), None, N)
+    uploads = stacked_like(server.params, 3, 2)
+    assert {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(uploads)} == {"B"}
+    got = alg.phases[0].aggregate(server, poison_excluded(uploads), WEIGHTS, IDS, INFO)
+    assert_trees_close(got.params, np_fedavg(uploads, WEIGHTS))
+    np.testing.assert_array_equal(got.init_key, server.init_key)
     # A is the init A of the shared seed, identical for every client, and B starts at 0.
-    global_adapters, personal = alg.models(got, {"rounds": jnp.zeros(N)})
-    ref = init_adapters(server["a_key"], training.model, training.adapter)
-    leaf = global_adapters["layers"]["0"]["attn"]["q_proj"]
+    models = alg.models(got, clients, INFO)
+    ref = init_adapters(server.init_key, training.model, training.adapter)
+    leaf = models.global_["layers"]["0"]["attn"]["q_proj"]
     np.testing.assert_array_equal(leaf["A"], ref["layers"]["0"]["attn"]["q_proj"]["A"])
-    assert personal["layers"]["1"]["attn"]["v_proj"]["B"].shape[0] == N
+    assert models.personal is None and models.personal_is_global
 
 
 def test_fedsa_lora_aggregates_A_and_weights_global_B(training):
     alg = get("fedsa_lora")(training)
     server, clients = alg.init(jax.random.PRNGKey(0), None, N)
-    uploads = stacked_like(server["A"], 3, 3)
-    got = alg.phases[0].aggregate(server, poison_excluded(uploads), WEIGHTS, IDS)
-    assert_trees_close(got["A"], np_fedavg(uploads, WEIGHTS))
-    np.testing.assert_array_equal(got["weights"], [2.0, 0.0, 0.0, 6.0])  # excluded: not recorded
-    clients = {**clients, "B": stacked_like(jax.tree.map(lambda x: x[0], clients["B"]), N, 4)}
-    global_adapters, personal = alg.models(got, clients)
-    expected_B = np_fedavg(clients["B"], np.array([2.0, 0.0, 0.0, 6.0]))
+    uploads = stacked_like(server.params, 3, 3)
+    got = alg.phases[0].aggregate(server, poison_excluded(uploads), WEIGHTS, IDS, INFO)
+    assert_trees_close(got.params, np_fedavg(uploads, WEIGHTS))
+    np.testing.assert_array_equal(got.seen, [2.0, 0.0, 0.0, 6.0])  # excluded: not recorded
+    own_B = stacked_like(jax.tree.map(lambda x: x[0], clients.personal), N, 4)
+    clients = clients.replace(personal=own_B)
+    models = alg.models(got, clients, INFO)
+    global_adapters, personal = models.global_, models.personal
+    assert not models.personal_is_global
+    expected_B = np_fedavg(own_B, np.array([2.0, 0.0, 0.0, 6.0]))
     q = ("layers", "0", "attn", "q_proj")
 
     def at(tree, path=q):
@@ -105,12 +111,12 @@ def test_fedsa_lora_aggregates_A_and_weights_global_B(training):
         return tree
 
     np.testing.assert_allclose(at(global_adapters)["B"], at(expected_B)["B"], rtol=1e-6)
-    np.testing.assert_allclose(at(global_adapters)["A"], at(got["A"])["A"])
-    np.testing.assert_array_equal(at(personal)["B"], at(clients["B"])["B"])
-    np.testing.assert_array_equal(at(personal)["A"][3], at(got["A"])["A"])
+    np.testing.assert_allclose(at(global_adapters)["A"], at(got.params)["A"])
+    np.testing.assert_array_equal(at(personal)["B"], at(own_B)["B"])
+    np.testing.assert_array_equal(at(personal)["A"][3], at(got.params)["A"])
     # before any aggregation every client counts equally
-    uniform, _ = alg.models(server, clients)
-    np.testing.assert_allclose(at(uniform)["B"], np.mean(at(clients["B"])["B"], 0), rtol=1e-6)
+    uniform = alg.models(server, clients, INFO).global_
+    np.testing.assert_allclose(at(uniform)["B"], np.mean(at(own_B)["B"], 0), rtol=1e-6)
 
 
 def test_kind_checks_are_named(training):
@@ -161,8 +167,8 @@ def rounds(model, training):
 
 def test_ffa_lora_round_trains_B_only(rounds):
     alg, (server0, _), state, metrics = rounds["ffa_lora"]
-    g0, _ = alg.models(server0, {"rounds": np.zeros(N)})
-    g1, _ = alg.models(state.server_state, state.client_states)
+    g0 = alg.models(server0, None, INFO).global_
+    g1 = alg.models(state.server_state, state.client_states, INFO).global_
     q0, q1 = g0["layers"]["0"]["attn"]["q_proj"], g1["layers"]["0"]["attn"]["q_proj"]
     np.testing.assert_array_equal(q1["A"], q0["A"])
     assert float(jnp.abs(q1["B"]).max()) > 0 and not np.any(q0["B"])
@@ -174,14 +180,14 @@ def test_ffa_lora_round_trains_B_only(rounds):
 def test_fedsa_lora_round_keeps_B_local(rounds):
     alg, (_, clients0), state, metrics = rounds["fedsa_lora"]
     ids = metrics["clients"]
-    _, personal = alg.models(state.server_state, state.client_states)
+    personal = alg.models(state.server_state, state.client_states, INFO).personal
     q = personal["layers"]["1"]["attn"]["v_proj"]
     assert np.ptp(np.asarray(q["A"]), axis=0).max() == 0  # A shared by all clients
     B = np.asarray(q["B"])
     assert np.abs(B[ids[0]] - B[ids[1]]).max() > 0  # each sampled client has its own B
     unsampled = sorted(set(range(N)) - set(ids))
     np.testing.assert_array_equal(
-        B[unsampled], np.asarray(clients0["B"]["layers"]["1"]["attn"]["v_proj"]["B"])[unsampled]
+        B[unsampled], np.asarray(clients0.personal["layers"]["1"]["attn"]["v_proj"]["B"])[unsampled]
     )
     a_bytes = (2 * 64 + 2 * 64) * 2 * 4
     assert metrics["comm/up_bytes_per_client"] == a_bytes == metrics["comm/down_bytes_per_client"]
@@ -189,11 +195,12 @@ def test_fedsa_lora_round_keeps_B_local(rounds):
 
 def test_local_only_round_communicates_nothing(rounds):
     alg, (_, clients0), state, metrics = rounds["local_only"]
-    g, personal = alg.models(state.server_state, state.client_states)
+    models = alg.models(state.server_state, state.client_states, INFO)
+    g, personal = models.global_, models.personal
     assert g is None
     assert metrics["comm/up_bytes"] == 0 and metrics["comm/down_bytes"] == 0
     A = np.asarray(personal["layers"]["0"]["attn"]["q_proj"]["A"])
-    A0 = np.asarray(clients0["adapters"]["layers"]["0"]["attn"]["q_proj"]["A"])
+    A0 = np.asarray(clients0.personal["layers"]["0"]["attn"]["q_proj"]["A"])
     ids = metrics["clients"]
     assert np.abs(A[ids[0]] - A[ids[1]]).max() > 0
     unsampled = sorted(set(range(N)) - set(ids))
@@ -205,11 +212,13 @@ def test_centralized_trains_pooled_data_with_the_same_budget(model, training):
     alg = get("centralized")(training, clients_per_round=3)
     assert alg.pooled_data and alg.phases[0].steps == 3 * STEPS
     state = E.init_state(alg, base, N, seed=0)
-    assert state.client_states["rounds"].shape == (1,)
+    assert state.server_state.seen.shape == (1,)  # one pooled client
     full = make_batches()
     pooled = {k: v[:3].reshape(1, 3 * STEPS, *v.shape[2:]) for k, v in full.items()}
     state, metrics = E.run_round(alg, state, base, pooled, SIZES, CONFIG)
     assert metrics["clients"] == [0] and metrics["comm/up_bytes"] == 0
     assert metrics["train/loss_last"] < metrics["train/loss_first"]
-    g, personal = alg.models(state.server_state, state.client_states)
-    assert personal is None and float(jnp.abs(g["layers"]["0"]["attn"]["q_proj"]["B"]).max()) > 0
+    models = E.models(alg, state, N)
+    g, personal = models.global_, models.personal
+    assert personal is None and models.personal_is_global
+    assert float(jnp.abs(g["layers"]["0"]["attn"]["q_proj"]["B"]).max()) > 0

@@ -57,9 +57,11 @@ def make_batches(seed: int = 0, poison: tuple[int, ...] = ()) -> dict[str, np.nd
 def with_poison(phase: Phase) -> Phase:
     """The same phase whose upload turns NaN when the client's batches carry a poison flag."""
 
-    def client_update(base, payload, client_state, batches, key):
+    def client_update(base, payload, client_state, batches, key, info):
         TRACES["count"] += 1
-        upload, state, metrics = phase.client_update(base, payload, client_state, batches, key)
+        upload, state, metrics = phase.client_update(
+            base, payload, client_state, batches, key, info
+        )
         bad = jnp.where(jnp.any(batches["poison"] > 0), jnp.nan, 0.0)
         return jax.tree.map(lambda u: u + bad, upload), state, metrics
 
@@ -67,12 +69,31 @@ def with_poison(phase: Phase) -> Phase:
 
 
 def build(stories_dir: pathlib.Path):
-    """FedIT with a poisonable phase, on the truncated model (also used by the subprocess)."""
+    """FedIT with a poisonable phase, on the truncated model (also used by the subprocess).
+
+    Its optimizer state persists per client, so Adam's step count tells who trained."""
     cfg, base = tiny_stories(stories_dir)
-    training = ClientTraining(model=cfg, adapter=AdapterConfig(r=2), local_steps=STEPS, lr=1e-2)
+    training = ClientTraining(
+        model=cfg,
+        adapter=AdapterConfig(r=2),
+        local_steps=STEPS,
+        lr=1e-2,
+        optimizer_state="persistent",
+    )
     alg = get("fedit")(training)
-    alg = dataclasses.replace(alg, phases=(with_poison(alg.phases[0]),))
+    alg = dataclasses.replace(alg, phases=(with_poison(alg.phases[0]),), cache_key=None)
     return alg, base
+
+
+def participations(client_states) -> np.ndarray:
+    """[N] rounds each client trained in, from its persistent Adam step count."""
+    flat = jax.tree_util.tree_leaves_with_path(client_states.opt_state)
+    counts = [x for path, x in flat if jax.tree_util.keystr(path).endswith(".count")]
+    return np.asarray(counts[0]) // STEPS
+
+
+def info_for(round_idx: int = 0):
+    return E.RoundInfo(jnp.int32(round_idx), jax.random.key(0), None, N)
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +124,12 @@ def loop_reference(setup):
     batches = make_batches()
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0)
     update = jax.jit(phase.client_update)
-    payload = phase.broadcast(state.server_state, jnp.asarray(ids))
+    payload = phase.broadcast(state.server_state, jnp.asarray(ids), info_for())
     uploads = []
     for i in ids:
         row = jax.tree.map(lambda x, i=i: x[i], state.client_states)
         b = {k: v[i] for k, v in batches.items()}
-        upload, _, _ = update(base, payload, row, b, jax.random.fold_in(key, int(i)))
+        upload, _, _ = update(base, payload, row, b, jax.random.fold_in(key, int(i)), info_for())
         uploads.append(upload)
     return ids, uploads
 
@@ -131,8 +152,8 @@ def test_vmap_matches_python_loop(vmap_round, loop_reference):
     ids, uploads = loop_reference
     assert metrics["clients"] == ids.tolist()
     expected = np_weighted_mean(uploads, SIZES[ids])
-    assert_trees_close(state.server_state["adapters"], expected)
-    rounds = np.asarray(state.client_states["rounds"])
+    assert_trees_close(state.server_state.params, expected)
+    rounds = participations(state.client_states)
     assert rounds[ids].tolist() == [1] * K
     assert rounds.sum() == K  # the unsampled client's state is untouched
     assert metrics["train/excluded"] == []
@@ -145,7 +166,32 @@ def test_chunked_matches_vmap(setup, vmap_round):
     alg, base = setup
     config = dataclasses.replace(CONFIG, backend="chunked", chunk_size=2)  # 3 = 2 + remainder
     state, _ = E.run_round(alg, fresh(alg, base), base, make_batches(), SIZES, config)
-    assert_trees_close(state.server_state["adapters"], vmap_round[0].server_state["adapters"])
+    assert_trees_close(state.server_state.params, vmap_round[0].server_state.params)
+
+
+def test_debug_backend_matches_vmap(setup, vmap_round):
+    """No jit, one client at a time: the same round as vmap (float tolerance)."""
+    alg, base = setup
+    config = dataclasses.replace(CONFIG, backend="debug")
+    state, metrics = E.run_round(alg, fresh(alg, base), base, make_batches(), SIZES, config)
+    assert_trees_close(state.server_state, vmap_round[0].server_state)
+    assert_trees_close(state.client_states, vmap_round[0].client_states)
+    assert metrics["clients"] == vmap_round[1]["clients"]
+    assert metrics["comm/up_bytes"] == vmap_round[1]["comm/up_bytes"]
+
+
+def test_debug_backend_names_client_and_round(setup):
+    alg, base = setup
+    phase = alg.phases[0]
+
+    def broken(base, payload, state, batches, key, info):
+        raise FloatingPointError("boom")
+
+    bad = dataclasses.replace(alg, phases=(dataclasses.replace(phase, client_update=broken),))
+    config = dataclasses.replace(CONFIG, backend="debug")
+    ids = sample_clients(CONFIG.seed, 0, N, K)
+    with pytest.raises(RuntimeError, match=rf"round 0, client {ids[0]}: FloatingPointError: boom"):
+        E.run_round(bad, fresh(bad, base), base, make_batches(), SIZES, config)
 
 
 def test_shard_map_matches_vmap(vmap_round, stories_dir, tmp_path):
@@ -190,8 +236,8 @@ def test_nan_client_excluded_and_flagged(setup, loop_reference, caplog):
     assert any("non-finite" in r.message and str(bad) in r.message for r in caplog.records)
     keep = [j for j, i in enumerate(ids) if i != bad]
     expected = np_weighted_mean([uploads[j] for j in keep], SIZES[ids[keep]])
-    assert_trees_close(state.server_state["adapters"], expected)
-    assert int(state.client_states["rounds"][bad]) == 0  # its client state was not updated
+    assert_trees_close(state.server_state.params, expected)
+    assert participations(state.client_states)[bad] == 0  # its client state was not updated
 
 
 def test_all_clients_nan_keeps_server_state(setup, caplog):
@@ -219,7 +265,7 @@ def test_no_retrace_across_rounds(setup, vmap_round):
         seen.add(tuple(m["clients"]))
     assert TRACES["count"] == traced
     assert len(seen) > 1  # different clients each round, same compiled function
-    assert int(np.asarray(state.client_states["rounds"]).sum()) == 8 * K
+    assert int(participations(state.client_states).sum()) == 8 * K
 
 
 def test_comm_bytes_match_hand_count(vmap_round):
@@ -290,26 +336,26 @@ def test_batches_function_receives_sampled_ids(setup, vmap_round):
 def toy_algorithm(per_client: bool = False):
     """A model-free algorithm: its state holds the very base array and one array twice; with
     ``per_client`` the broadcast is ``w + client id`` per client (leading axis K)."""
-    from fedlora_jax.algorithms import Algorithm
+    from fedlora_jax.algorithms import Algorithm, Models
 
     def init(key, base, n):
         shared = jnp.ones((n,))
         return {"w": base["w"]}, {"x": shared, "y": shared}
 
-    def broadcast(server, ids):
+    def broadcast(server, ids, info):
         if per_client:
             return {"w": server["w"][None] + ids[:, None].astype(jnp.float32)}
         return server
 
-    def client_update(base, payload, state, batches, key):
+    def client_update(base, payload, state, batches, key, info):
         upload = {"w": payload["w"] + jnp.sum(batches["tokens"])}
         return upload, {"x": state["x"] + 1, "y": state["y"]}, {"loss": jnp.float32(0)}
 
-    def aggregate(server, uploads, weights, ids):
+    def aggregate(server, uploads, weights, ids, info):
         return {"w": jnp.tensordot(weights / weights.sum(), uploads["w"], axes=1)}
 
     phase = Phase("train", 1, broadcast, client_update, aggregate, per_client_broadcast=per_client)
-    return Algorithm("toy", init, (phase,), lambda s, c: (s, None))
+    return Algorithm("toy", init, (phase,), lambda s, c, info: Models(s, None))
 
 
 TOY_ONES = np.ones((3, 1, 1, 1), np.int32)

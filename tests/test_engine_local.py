@@ -10,9 +10,9 @@ import pytest
 
 from fedlora_jax.adapters import AdapterConfig
 from fedlora_jax.algorithms import ClientTraining
+from fedlora_jax.algorithms.training import local_train, make_optimizer, make_schedule
 from fedlora_jax.federated.aggregation import fedavg, mean, normalise_weights
 from fedlora_jax.federated.comm import per_client_nbytes, phase_bytes, tree_nbytes
-from fedlora_jax.federated.local import local_train, make_optimizer, make_schedule
 from fedlora_jax.model.config import LlamaConfig
 
 MODEL = LlamaConfig(
@@ -30,10 +30,10 @@ def training(**kw) -> ClientTraining:
     return ClientTraining(model=MODEL, adapter=AdapterConfig(r=2), **kw)
 
 
-def test_routing_global_local_frozen():
+def test_routing_shared_personal_frozen():
     params = {"g": jnp.ones(3), "l": jnp.ones(3), "f": jnp.ones(3)}
-    labels = {"g": "global", "l": "local", "f": "frozen"}
-    tx = make_optimizer(training(lr=0.1), labels, 5, local=training(lr=0.01))
+    labels = {"g": "shared", "l": "personal", "f": "frozen"}
+    tx = make_optimizer(training(lr=0.1), labels, 5, personal=training(lr=0.01))
     grads = jax.tree.map(lambda x: 2.0 * x, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     # Adam's first step is -lr · sign(g) (bias-corrected m / sqrt(v) = 1).
@@ -44,7 +44,7 @@ def test_routing_global_local_frozen():
 
 def test_frozen_leaf_gets_no_weight_decay_either():
     params = {"g": jnp.ones(2), "f": jnp.ones(2)}
-    tx = make_optimizer(training(lr=0.1, weight_decay=0.5), {"g": "global", "f": "frozen"}, 3)
+    tx = make_optimizer(training(lr=0.1, weight_decay=0.5), {"g": "shared", "f": "frozen"}, 3)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["g"], -0.1 * 0.5 * 1.0, rtol=1e-5)  # decoupled decay
@@ -53,10 +53,10 @@ def test_frozen_leaf_gets_no_weight_decay_either():
 
 def test_clip_counts_only_the_group():
     params = {"g": jnp.zeros(1), "f": jnp.zeros(1)}
-    tx = make_optimizer(training(grad_clip=1.0, lr=1.0), {"g": "global", "f": "frozen"}, 2)
+    tx = make_optimizer(training(grad_clip=1.0, lr=1.0), {"g": "shared", "f": "frozen"}, 2)
     tx_sgd_like = optax.partition(
-        {"global": optax.clip_by_global_norm(1.0), "frozen": optax.set_to_zero()},
-        {"g": "global", "f": "frozen"},
+        {"shared": optax.clip_by_global_norm(1.0), "frozen": optax.set_to_zero()},
+        {"g": "shared", "f": "frozen"},
     )
     grads = {"g": jnp.array([0.5]), "f": jnp.array([100.0])}
     clipped, _ = tx_sgd_like.update(grads, tx_sgd_like.init(params))
@@ -66,8 +66,8 @@ def test_clip_counts_only_the_group():
 
 
 def test_bad_label_is_named():
-    tx = make_optimizer(training(), {"x": "shared"}, 2)
-    with pytest.raises(ValueError, match=r"labels \['shared'\] are not allowed"):
+    tx = make_optimizer(training(), {"x": "global"}, 2)
+    with pytest.raises(ValueError, match=r"labels \['global'\] are not allowed"):
         tx.init({"x": jnp.ones(1)})
 
 
@@ -109,7 +109,7 @@ def test_local_train_equals_python_loop():
     base = jnp.float32(2.0)
     params = {"w": jnp.array([0.5, -1.0, 3.0])}
     xs = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
-    tx = make_optimizer(training(lr=0.05, schedule="linear"), {"w": "global"}, 4)
+    tx = make_optimizer(training(lr=0.05, schedule="linear"), {"w": "shared"}, 4)
     got, _, metrics = local_train(
         loss_fn, base, params, tx, tx.init(params), {"x": xs}, jax.random.PRNGKey(1)
     )

@@ -244,12 +244,12 @@ def test_without_personal_local_is_global(run, model, adapters, clients_test, to
     g = report["global"]["metrics"]
     # data-weighted mean over clients of the global adapter = the example-weighted global mean
     assert report["local"]["summary"]["rouge_l"]["weighted_mean"] == pytest.approx(g["rouge_l"])
-    # FedIT / FFA-LoRA hand back the global adapter replicated per client: same report.
+    # "personal = global" is the algorithm's flag (personal None), never an array comparison: the
+    # global adapter replicated per client is scored as personal adapters, with the same numbers.
     replicated = jax.tree.map(lambda x: jnp.stack([x, x]), glob)
-    assert evaluate(base, glob, replicated, clients_test, **kwargs) == report
-    # A personal set that differs for one client only is scored as personal.
-    nudged = jax.tree.map(lambda x: x.at[1].add(1e-3), replicated)
-    assert evaluate(base, glob, nudged, clients_test, **kwargs)["local"]["adapter"] == "personal"
+    as_personal = evaluate(base, glob, replicated, clients_test, **kwargs)
+    assert as_personal["local"]["adapter"] == "personal"
+    assert as_personal["local"]["summary"] == report["local"]["summary"]
 
 
 def test_local_only_has_no_global(run, model, adapters, clients_test, tokenizer) -> None:

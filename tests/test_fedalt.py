@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from test_engine import SIZES, STEPS, N, make_batches, tiny_stories
 
-from fedlora_jax.adapters import AdapterConfig
+from fedlora_jax.adapters import AdapterConfig, label_tree
 from fedlora_jax.algorithms import ClientTraining, get
-from fedlora_jax.algorithms.common import label_by_key, merge_trees, select_keys
+from fedlora_jax.algorithms.base import merge_trees, select_keys
 from fedlora_jax.algorithms.fedalt import LABEL_RULE, rest_of_world, row_weights
+from fedlora_jax.algorithms.training import local_train, make_loss_fn, make_optimizer
 from fedlora_jax.federated import engine as E
-from fedlora_jax.federated.local import local_train, make_loss_fn, make_optimizer
+
+INFO = E.RoundInfo(jnp.int32(0), jax.random.key(0), None, 4)
 
 ADAPTER = AdapterConfig(kind="mixture", r=2, alpha=8.0)
 CONFIG = E.EngineConfig(clients_per_round=3, seed=3)
@@ -129,7 +131,7 @@ def test_init_gives_independent_clients_and_an_all_zero_first_broadcast(training
     assert set(ind) == {"A1", "B1", "G"} and ind["A1"].shape == (N, 2, 64)
     assert not np.any(ind["B1"]) and np.abs(ind["A1"][0] - ind["A1"][1]).max() > 0
     assert np.abs(ind["G"][0] - ind["G"][1]).max() > 0
-    payload = alg.phases[0].broadcast(server, jnp.array([0, 2, 3]))
+    payload = alg.phases[0].broadcast(server, jnp.array([0, 2, 3]), INFO)
     assert jax.tree.leaves(payload) and not any(np.any(x) for x in jax.tree.leaves(payload))
     assert at(payload)["A0"].shape == (3, 2, 64)
     persistent = dataclasses.replace(training, optimizer_state="persistent")
@@ -149,24 +151,25 @@ def test_aggregate_keeps_latest_copies_and_skips_excluded_clients(training):
         )
 
     up1 = uploads(3)  # round 1: clients 0, 1, 2 take part
-    s1 = phase.aggregate(server, up1, jnp.array([5.0, 1.0, 9.0]), jnp.array([0, 1, 2]))
+    s1 = phase.aggregate(server, up1, jnp.array([5.0, 1.0, 9.0]), jnp.array([0, 1, 2]), INFO)
     up2 = jax.tree.map(lambda u: u.copy(), uploads(3))  # round 2: 1, 2, 3; client 2 excluded
     at(up2)["A1"][1] = np.nan
-    s2 = phase.aggregate(s1, up2, jnp.array([2.0, 0.0, 4.0]), jnp.array([1, 2, 3]))
+    s2 = phase.aggregate(s1, up2, jnp.array([2.0, 0.0, 4.0]), jnp.array([1, 2, 3]), INFO)
     np.testing.assert_array_equal(s2["uploaded"], [True, True, True, True])
     copies = at(s2["individual"])
     for name in ("A1", "B1"):
         want = np.stack([at(up1)[name][0], at(up2)[name][0], at(up1)[name][2], at(up2)[name][2]])
         np.testing.assert_array_equal(copies[name], want)
     # the next broadcast uses every other client's latest copy, whoever took part last round
-    payload = phase.broadcast(s2, jnp.array([0, 3]))
+    payload = phase.broadcast(s2, jnp.array([0, 3]), INFO)
     for k, c in enumerate((0, 3)):
         np.testing.assert_allclose(
             at(payload)["B0"][k], np_row(want, [True] * 4, c), rtol=1e-6, atol=1e-6
         )
     # models(): no global model; personal = current RoW + the client's own A1, B1, G
-    global_adapters, personal = alg.models(s2, clients)
-    assert global_adapters is None
+    models = alg.models(s2, clients, INFO)
+    global_adapters, personal = models.global_, models.personal
+    assert global_adapters is None and not models.personal_is_global
     assert set(at(personal)) == set(LEAF_KEYS)
     np.testing.assert_array_equal(at(personal)["G"], at(clients["individual"])["G"])
     np.testing.assert_allclose(
@@ -194,7 +197,10 @@ def test_client_trains_A1_B1_G_and_leaves_a_nonzero_RoW_bitwise_unchanged(model,
         rest_of_world(own, jnp.ones(N, bool), jnp.arange(1)),
     )
     params = merge_trees(row, jax.tree.map(lambda x: x[0], clients["individual"]))
-    labels = label_by_key(LABEL_RULE)
+
+    def labels(tree):
+        return label_tree(tree, LABEL_RULE)
+
     tx = make_optimizer(training, labels, STEPS)
     batches = {k: v[0] for k, v in make_batches().items() if k != "poison"}
     loss_fn = make_loss_fn(training)
@@ -217,12 +223,12 @@ def test_upload_holds_A1_B1_only(model, training):
     alg = get("fedalt")(training)
     server, clients = alg.init(jax.random.PRNGKey(0), None, N)
     phase = alg.phases[0]
-    payload = jax.tree.map(lambda x: x[0], phase.broadcast(server, jnp.array([1])))
+    payload = jax.tree.map(lambda x: x[0], phase.broadcast(server, jnp.array([1]), INFO))
     row = jax.tree.map(lambda x: x[1], clients)
     toks = jnp.zeros((STEPS, 2, 8), jnp.int32)
     batch = {"tokens": toks, "loss_mask": toks, "attn_mask": toks}
     upload, state, _ = jax.eval_shape(
-        phase.client_update, base, payload, row, batch, jax.random.PRNGKey(0)
+        phase.client_update, base, payload, row, batch, jax.random.PRNGKey(0), INFO
     )
     assert jax.tree.structure(upload) == jax.tree.structure(server["individual"])
     assert {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(upload)} == {"A1", "B1"}
@@ -272,9 +278,14 @@ def test_engine_rounds_keep_individual_LoRA_and_router_personal(two_rounds):
                 ).max()
                 > 0
             )
-    np.testing.assert_array_equal(s2.client_states["rounds"], [2, 2, 1, 1])
+    # client 2 sat out round 0 (untouched) and trained in round 1
+    for name in ("A1", "G"):
+        ind = [at(s.client_states["individual"])[name][2] for s in (s0, s1, s2)]
+        np.testing.assert_array_equal(ind[1], ind[0])
+        assert np.abs(ind[2] - ind[1]).max() > 0
     # personal models: each client's RoW is the leave-one-out mean of the server's copies
-    g, personal = alg.models(s2.server_state, s2.client_states)
+    models = E.models(alg, s2, N)
+    g, personal = models.global_, models.personal
     assert g is None
     copies = at(s2.server_state["individual"])
     for c in range(N):

@@ -12,8 +12,8 @@ from fedlora_jax import algorithms
 from fedlora_jax.adapters import AdapterConfig
 from fedlora_jax.algorithms import ClientTraining
 from fedlora_jax.algorithms.fedgalore import make_galore_optimizer
-from fedlora_jax.federated.engine import EngineConfig, init_state, run_round
-from fedlora_jax.federated.local import make_loss_fn
+from fedlora_jax.algorithms.training import make_loss_fn
+from fedlora_jax.federated.engine import EngineConfig, RoundInfo, init_state, models, run_round
 from fedlora_jax.model.convert import load_hf_folder
 from fedlora_jax.model.llama import apply
 from fedlora_jax.model.loss import lm_loss
@@ -115,8 +115,9 @@ def test_sync_none_is_local_galore_then_fedavg(model, training, batches, by_hand
     assert set(new.server_state) == {"adapters"}
     # Uplink: the full-size ΔW of every target (4 bytes per entry), nothing else.
     assert metrics["comm/up_bytes_per_client"] == sum(4 * m * n for m, n in DIMS)
-    glob, personal = alg.models(new.server_state, new.client_states)
-    assert personal is None and glob is new.server_state["adapters"]
+    got_models = models(alg, new, K)
+    assert got_models.personal is None and got_models.personal_is_global
+    assert got_models.global_ is new.server_state["adapters"]
 
 
 def _stacked(by_hand):
@@ -177,6 +178,7 @@ def test_second_round_starts_from_the_shared_moment(model, training, batches):
     phase = alg.phases[0]
     row = {k: jnp.asarray(v[0]) for k, v in batches.items()}
     state = jax.tree.map(lambda x: x[0], clients)
+    info = RoundInfo(jnp.int32(0), jax.random.key(0), None, K)
     update = jax.jit(phase.client_update)
     tx = make_galore_optimizer(training, RANK, 200, 0.25)
     loss_fn = make_loss_fn(training)
@@ -185,7 +187,7 @@ def test_second_round_starts_from_the_shared_moment(model, training, batches):
         return loss_fn(b, p, jax.tree.map(lambda x: x[0], batch), None)[0]
 
     # The server's basis = the client's own first projector, so the seed is nu_value exactly.
-    payload0 = phase.broadcast(server, jnp.arange(K))
+    payload0 = phase.broadcast(server, jnp.arange(K), info)
     grads = jax.jit(jax.grad(first_loss, argnums=1))(base, payload0["adapters"], row)
     own = galore.projectors(galore.refresh_projectors(tx.init(payload0["adapters"]), grads))
 
@@ -196,7 +198,7 @@ def test_second_round_starts_from_the_shared_moment(model, training, batches):
             "nu": jax.tree.map(lambda v: jnp.full_like(v, nu_value), payload0["nu"]),
             "synced": jnp.asarray(synced),
         }
-        upload, _, metrics = update(base, payload, state, row, jax.random.key(1))
+        upload, _, metrics = update(base, payload, state, row, jax.random.key(1), info)
         assert np.isfinite(float(metrics["loss"]))
         return float(optax.tree.norm(upload["delta"]))
 

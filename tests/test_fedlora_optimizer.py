@@ -17,10 +17,10 @@ from test_engine import SIZES, N, assert_trees_close, make_batches, tiny_stories
 
 from fedlora_jax.adapters import AdapterConfig, get_kind, init_adapters
 from fedlora_jax.algorithms import ClientTraining, get
-from fedlora_jax.algorithms.common import select_keys
+from fedlora_jax.algorithms.base import select_keys
 from fedlora_jax.algorithms.fedlora_optimizer import COMPONENTS, SHARED, phase_optimizers
+from fedlora_jax.algorithms.training import local_train, make_loss_fn
 from fedlora_jax.federated import engine as E
-from fedlora_jax.federated.local import local_train, make_loss_fn
 
 Q = ("layers", "0", "attn", "q_proj")
 WEIGHTS = np.array([2.0, 0.0, 6.0], np.float32)  # client at row 1 excluded this round
@@ -52,6 +52,9 @@ def training(model):
     return ClientTraining(model=model[0], adapter=adapter, local_steps=2, lr=1e-2)
 
 
+INFO = E.RoundInfo(jnp.int32(0), jax.random.key(0), None, N)
+
+
 def batch_of(seed, steps=None):
     b = make_batches(seed)
     b = {k: v[0] for k, v in b.items() if k != "poison"}  # client 0: [steps, batch, seq]
@@ -73,7 +76,7 @@ def test_option_errors_name_the_key(training):
         ({"variant": "paper_literal"}, "needs adapter.init='paper_literal'"),
         ({"global_train": "A_D,C"}, "global_train='A_D,C' must be a non-empty subset"),
         ({"global_train": ("A_D",), "aggregate": ("A_D", "B_M")}, "must be a subset of global"),
-        ({"local_phase": "final"}, "rounds must be set to federated.rounds"),
+        ({"rounds": 2}, "algorithm.options.rounds is not an option of fedlora_optimizer"),
         ({"global_steps": 0}, "global_steps=0 must be a positive integer"),
         ({"local_lr": -1.0}, "local_lr=-1.0 must be > 0"),
     ]
@@ -143,17 +146,17 @@ def test_optimizer_routing_matches_hand_computed_adam(training):
     plain = dataclasses.replace(training, grad_clip=0.0, optimizer_state="persistent")
     alg = get("fedlora_optimizer")(plain, global_lr=0.1, local_lr=0.01)
     server, clients = alg.init(jax.random.PRNGKey(0), None, N)
-    # state structure: the global phase's Adam holds every component in its "global" group, the
-    # personal phase's Adam holds B_M only, in its "local" group
+    # state structure: the global phase's Adam holds every component in its "shared" group, the
+    # personal phase's Adam holds B_M only, in its "personal" group
     for name, label, held in (
-        ("opt_state", "global", COMPONENTS),
-        ("local_opt_state", "local", ("B_M",)),
+        ("opt_state", "shared", COMPONENTS),
+        ("local_opt_state", "personal", ("B_M",)),
     ):
         state = clients[name]
         mu = at(adam_mu(state, label))
         assert {k for k, v in mu.items() if isinstance(v, jax.Array)} == set(held), name
         assert mu[held[0]].shape == (N, *at(server["adapters"])[held[0]].shape)
-        other = {"global": "local", "local": "global"}[label]
+        other = {"shared": "personal", "personal": "shared"}[label]
         assert all(isinstance(v, optax.MaskedNode) for v in at(adam_mu(state, other)).values())
 
     train_g = dataclasses.replace(plain, lr=0.1)
@@ -230,8 +233,7 @@ def test_aggregate_matches_numpy(training, options):
     aggregated = tuple(c for c in COMPONENTS if c in options.get("aggregate", COMPONENTS))
     uploads = stacked_like(select_keys(server["adapters"], aggregated), 3, 1)
     poisoned = jax.tree.map(lambda u: jnp.asarray(u).at[1].set(jnp.nan), uploads)
-    got = alg.phases[0].aggregate(server, poisoned, WEIGHTS, IDS)
-    assert int(got["round"]) == 1
+    got = alg.phases[0].aggregate(server, poisoned, WEIGHTS, IDS, INFO)
     want = np_fedavg(uploads, WEIGHTS)
     for c in COMPONENTS:
         if c in aggregated:
@@ -250,8 +252,9 @@ def test_global_and_personal_models_differ_only_in_bm(training):
         "B_M": stacked_like(jax.tree.map(lambda x: x[0], clients["B_M"]), N, 3),
         "has_bm": jnp.array([True, False, True, False]),
     }
-    g, personal = alg.models(server, clients)
-    assert g is server["adapters"]
+    models = alg.models(server, clients, INFO)
+    g, personal = models.global_, models.personal
+    assert g is server["adapters"] and not models.personal_is_global
     for path, x in leaves_by_key(personal).items():
         ref = np.asarray(at(g, path[:-1])[path[-1]])
         for i in range(N):
@@ -289,22 +292,22 @@ def test_engine_round_runs_both_phases(default_round):
         assert np.isfinite(metrics[f"{phase}/loss"]) and not metrics[f"{phase}/excluded"]
     assert metrics["global/aggregated"] and not metrics["personal/aggregated"]
     server = state.server_state
-    assert int(server["round"]) == 1
     for c in COMPONENTS:  # the global phase trains and aggregates all four components
         assert np.abs(at(server["adapters"])[c] - at(server0["adapters"])[c]).max() > 0, c
     has = np.asarray(state.client_states["has_bm"])
     assert has[ids].all() and not has[sorted(set(range(N)) - set(ids))].any()
-    g, personal = alg.models(server, state.client_states)
+    models = E.models(alg, state, N)
+    g, personal = models.global_, models.personal
     bm = np.asarray(at(personal)["B_M"])
     assert np.abs(bm[ids[0]] - bm[ids[1]]).max() > 0  # each client its own B_M
     assert np.abs(bm[ids[0]] - np.asarray(at(g)["B_M"])).max() > 0
     for c in SHARED:
         np.testing.assert_array_equal(np.asarray(at(personal)[c])[ids[0]], at(g)[c])
     # communication: the global phase sends the adapter down and up, the personal phase the new
-    # global adapter (+ round counter) down and nothing up
+    # global adapter down and nothing up
     nbytes = sum(x.nbytes for x in jax.tree.leaves(server0["adapters"]))
     assert metrics["comm/up_bytes_per_client"] == nbytes
-    assert metrics["comm/down_bytes_per_client"] == 2 * nbytes + 4
+    assert metrics["comm/down_bytes_per_client"] == 2 * nbytes
 
 
 def test_persistent_bm_is_the_start_of_the_next_personal_phase(model, training, default_round):
@@ -320,7 +323,7 @@ def test_persistent_bm_is_the_start_of_the_next_personal_phase(model, training, 
         training, local_steps_personal=1, local_lr=5e-2, personal_bm="restart"
     )
     outs = [
-        a.phases[1].client_update(base, state.server_state, row, batches, key)[1]["B_M"]
+        a.phases[1].client_update(base, state.server_state, row, batches, key, INFO)[1]["B_M"]
         for a in (alg, restart)
     ]
     own, shared = at(row["B_M"])["B_M"], at(state.server_state["adapters"])["B_M"]
@@ -332,22 +335,51 @@ def test_persistent_bm_is_the_start_of_the_next_personal_phase(model, training, 
 
 def test_paper_literal_final_local_phase(model, training):
     """variant=paper_literal trains and aggregates only A_D; local_phase=final skips the personal
-    phase until the round counter reaches ``rounds``."""
+    phase until the last round (EngineConfig.rounds)."""
     cfg, base = model
     lit = dataclasses.replace(
         training, adapter=dataclasses.replace(training.adapter, init="paper_literal")
     )
     alg = get("fedlora_optimizer")(
-        lit, variant="paper_literal", local_phase="final", rounds=2, local_steps_personal=1
+        lit, variant="paper_literal", local_phase="final", local_steps_personal=1
     )
     state = E.init_state(alg, base, N, seed=0)
+    with pytest.raises(ValueError, match="needs the run length: set EngineConfig.rounds"):
+        E.run_round(alg, state, base, round_batches(0, 1), SIZES, CONFIG)
+    config = dataclasses.replace(CONFIG, rounds=2)
     server0 = jax.tree.map(np.array, state.server_state)
-    state, m1 = E.run_round(alg, state, base, round_batches(0, 1), SIZES, CONFIG)
+    state, m1 = E.run_round(alg, state, base, round_batches(0, 1), SIZES, config)
     a1 = jax.tree.map(np.array, state.server_state["adapters"])
     for c in COMPONENTS:
         changed = np.abs(at(a1)[c] - at(server0["adapters"])[c]).max() > 0
         assert changed == (c == "A_D"), c
     assert np.isnan(m1["personal/loss"]) and not np.asarray(state.client_states["has_bm"]).any()
-    state, m2 = E.run_round(alg, state, base, round_batches(1, 1), SIZES, CONFIG)
+    state, m2 = E.run_round(alg, state, base, round_batches(1, 1), SIZES, config)
+    assert np.isfinite(m2["personal/loss"])
+    assert np.asarray(state.client_states["has_bm"])[m2["clients"]].all()
+
+
+def test_final_local_phase_runs_after_a_round_without_valid_client(model, training):
+    """The last round is known from RoundInfo, not from a counter that only advances when the
+    server aggregates: a round where every client is excluded does not postpone the final
+    personal phase."""
+    cfg, base = model
+    alg = get("fedlora_optimizer")(training, local_phase="final", local_steps_personal=1)
+    glob = alg.phases[0]
+
+    def nan_in_round_0(base, payload, state, batches, key, info):
+        upload, state, metrics = glob.client_update(base, payload, state, batches, key, info)
+        bad = jnp.where(info.round == 0, jnp.nan, 0.0)
+        return jax.tree.map(lambda u: u + bad, upload), state, metrics
+
+    poisoned = dataclasses.replace(glob, client_update=nan_in_round_0)
+    alg = dataclasses.replace(alg, phases=(poisoned, alg.phases[1]), cache_key=None)
+    config = dataclasses.replace(CONFIG, rounds=2)
+    state = E.init_state(alg, base, N, seed=0)
+    state, m1 = E.run_round(alg, state, base, round_batches(0, 1), SIZES, config)
+    assert m1["global/aggregated"] is False and sorted(m1["global/excluded"]) == m1["clients"]
+    assert np.isnan(m1["personal/loss"])  # not the last round: skipped
+    state, m2 = E.run_round(alg, state, base, round_batches(1, 1), SIZES, config)
+    assert m2["global/aggregated"] is True
     assert np.isfinite(m2["personal/loss"])
     assert np.asarray(state.client_states["has_bm"])[m2["clients"]].all()

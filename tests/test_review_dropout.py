@@ -14,8 +14,8 @@ import pytest
 
 from fedlora_jax.adapters import AdapterConfig, init_adapters
 from fedlora_jax.algorithms import ClientTraining
+from fedlora_jax.algorithms.training import make_loss_fn
 from fedlora_jax.eval.harness import EvalExample, evaluate
-from fedlora_jax.federated.local import make_loss_fn
 from fedlora_jax.model import llama
 from fedlora_jax.model.convert import load_hf_folder
 

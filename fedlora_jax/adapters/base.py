@@ -2,8 +2,10 @@
 
 An adapter tree is a plain nested dict keyed by module path, e.g.
 ``{"layers": {"3": {"attn": {"q_proj": {"A": ..., "B": ...}}}}}``. The model never needs to know
-which kind it holds: each adapted linear layer calls ``kind.apply`` for the additive output.
-New kinds (FedALT mixture, FedGaLore dense delta) register here without touching the model.
+which kind it holds: each adapted linear layer calls ``AdapterConfig.apply`` for the additive
+output. New kinds (FedALT mixture, FedGaLore dense delta) register here without touching the
+model. A leaf may also hold a server-owned ``base_delta`` [in, out] (placement ``server``: e.g.
+FedEx-LoRA's residual), added to the base weight's output by every kind.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from typing import Any
 
 import jax
 
+from fedlora_jax.model.config import module_paths
+
 Array = jax.Array
 Leaf = dict[str, Array]  # one module's adapter parameters, e.g. {"A": ..., "B": ...}
-
-# Module paths the LLaMA model exposes (i = layer index).
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+BASE_DELTA = "base_delta"  # a server-owned ΔW0 [in, out] inside a leaf, applied by every kind
 
 TARGET_PRESETS: dict[str, str] = {
     "qv": r"layers\.\d+\.attn\.(q_proj|v_proj)",
@@ -70,6 +71,15 @@ class AdapterConfig:
     def target_regex(self) -> re.Pattern[str]:
         return re.compile(TARGET_PRESETS.get(self.targets, self.targets))
 
+    def apply(self, leaf: Leaf, x: Array, key: Array | None) -> Array:
+        """The additive output of one adapted linear (the model's ``AdapterSpec``)."""
+        if BASE_DELTA in leaf:
+            own = {k: v for k, v in leaf.items() if k != BASE_DELTA}
+            return get_kind(self.kind).apply(own, x, self, key) + x @ leaf[BASE_DELTA].astype(
+                x.dtype
+            )
+        return get_kind(self.kind).apply(leaf, x, self, key)
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterKind:
@@ -105,17 +115,9 @@ def get_kind(name: str) -> AdapterKind:
     return _KINDS[name]
 
 
-def module_paths(num_layers: int) -> list[str]:
-    """Every adaptable linear module of the LLaMA model, as dotted paths."""
-    paths = []
-    for i in range(num_layers):
-        paths += [f"layers.{i}.attn.{m}" for m in ATTN_MODULES]
-        paths += [f"layers.{i}.mlp.{m}" for m in MLP_MODULES]
-    return paths
-
-
 def select_targets(num_layers: int, cfg: AdapterConfig) -> list[str]:
-    """Module paths matched (fullmatch) by the config's target preset or regex."""
+    """Module paths (``model.config.module_paths``) matched (fullmatch) by the target preset or
+    regex."""
     rx = cfg.target_regex()
     chosen = [p for p in module_paths(num_layers) if rx.fullmatch(p)]
     if not chosen:

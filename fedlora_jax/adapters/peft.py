@@ -24,8 +24,8 @@ from fedlora_jax.adapters.base import (
     select_targets,
     set_path,
 )
-from fedlora_jax.adapters.tree import Tree, leaf_paths, materialize, module_shape
-from fedlora_jax.model.config import LlamaConfig
+from fedlora_jax.adapters.tree import Tree, leaf_paths, materialize
+from fedlora_jax.model.config import LlamaConfig, linear_specs
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -56,7 +56,7 @@ def export_peft(
     tensors: dict[str, np.ndarray] = {}
     for path in paths:
         leaf = get_path(factors, path)
-        n_in, n_out = module_shape(model_cfg, path)
+        n_in, n_out = linear_specs(model_cfg)[path]
         if leaf["A"].shape != (adapter_cfg.r, n_in) or leaf["B"].shape != (n_out, adapter_cfg.r):
             raise ValueError(
                 f"adapter at {path} has A {leaf['A'].shape}, B {leaf['B'].shape}; the model needs "
@@ -146,7 +146,7 @@ def load_peft(
             raise ValueError(f"{weights_file}: {hf_module_name(path)} lacks lora_A or lora_B")
         want_a, want_b = (r, leaf["A"].shape[1]), (leaf["B"].shape[0], r)
         if model_cfg is not None:
-            n_in, n_out = module_shape(model_cfg, path)
+            n_in, n_out = linear_specs(model_cfg)[path]
             want_a, want_b = (r, n_in), (n_out, r)
         if leaf["A"].shape != want_a or leaf["B"].shape != want_b:
             raise ValueError(

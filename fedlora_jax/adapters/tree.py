@@ -14,36 +14,19 @@ import jax
 import jax.numpy as jnp
 
 from fedlora_jax.adapters.base import (
+    BASE_DELTA,
     AdapterConfig,
     Array,
     Leaf,
     get_kind,
     get_path,
-    module_paths,
     select_targets,
     set_path,
 )
-from fedlora_jax.model.config import LlamaConfig
+from fedlora_jax.model.config import LlamaConfig, linear_specs, module_paths
 
 Tree = dict[str, Any]
 LabelRule = Mapping[str, str] | Callable[[str, str], str]
-
-
-def module_shape(model_cfg: LlamaConfig, path: str) -> tuple[int, int]:
-    """(in_features, out_features) of the linear at ``path`` (e.g. ``layers.0.attn.q_proj``)."""
-    d, f = model_cfg.hidden_size, model_cfg.intermediate_size
-    dq = model_cfg.num_heads * model_cfg.head_dim
-    dkv = model_cfg.num_kv_heads * model_cfg.head_dim
-    shapes = {
-        "q_proj": (d, dq),
-        "k_proj": (d, dkv),
-        "v_proj": (d, dkv),
-        "o_proj": (dq, d),
-        "gate_proj": (d, f),
-        "up_proj": (d, f),
-        "down_proj": (f, d),
-    }
-    return shapes[path.rsplit(".", 1)[-1]]
 
 
 def module_key(key: Array, path: str) -> Array:
@@ -54,9 +37,10 @@ def module_key(key: Array, path: str) -> Array:
 def init_adapters(key: Array, model_cfg: LlamaConfig, adapter_cfg: AdapterConfig) -> Tree:
     """A fresh adapter tree over ``select_targets``; the same seed gives the same leaves."""
     kind = get_kind(adapter_cfg.kind)
+    specs = linear_specs(model_cfg)
     tree: Tree = {}
     for path in select_targets(model_cfg.num_layers, adapter_cfg):
-        n_in, n_out = module_shape(model_cfg, path)
+        n_in, n_out = specs[path]
         set_path(tree, path, kind.init(module_key(key, path), n_in, n_out, adapter_cfg))
     return tree
 
@@ -126,9 +110,11 @@ def merge_into_base(base: Tree, tree: Tree, cfg: AdapterConfig) -> Tree:
     updates: dict[tuple[str, str], list[tuple[int, Array]]] = {}
     for path in leaf_paths(tree):
         _, i, group, name = path.split(".")
-        updates.setdefault((group, name), []).append(
-            (int(i), kind.delta_weight(get_path(tree, path), cfg))
-        )
+        leaf = get_path(tree, path)
+        dw = kind.delta_weight(leaf, cfg)
+        if BASE_DELTA in leaf:  # a server-owned change to the base (FedEx-LoRA, FLoRA)
+            dw = dw + leaf[BASE_DELTA]
+        updates.setdefault((group, name), []).append((int(i), dw))
     layers = {g: dict(v) if isinstance(v, dict) else v for g, v in base["layers"].items()}
     for (group, name), items in updates.items():
         W = jnp.asarray(layers[group][name])

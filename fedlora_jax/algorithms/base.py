@@ -1,94 +1,271 @@
-"""The algorithm API: a federated method is a small frozen dataclass of pure functions.
+"""The algorithm contract (API v2): a federated method is typed options, a placement spec and a
+few pure functions over pytrees.
 
 The engine stacks the sampled clients on a leading axis and runs each phase's ``client_update``
-for all of them in one jitted call (vmap / chunked lax.map / shard_map). Every function here is
-pure over pytrees, so ``aggregate`` can be called and unit-tested on its own.
+for all of them in one jitted call; every function also receives the round's ``RoundInfo``, so
+no algorithm keeps a counter the engine already knows. Everything here is pure, so ``aggregate``
+can be called and unit-tested on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import struct
 
-from fedlora_jax.adapters.base import AdapterConfig
-from fedlora_jax.model.config import LlamaConfig
+from fedlora_jax.algorithms.training import ClientTraining
+from fedlora_jax.federated.context import RoundInfo
 
 PyTree = Any
 Array = jax.Array
+Tree = dict[str, Any]
+
+# Where an adapter leaf lives (DESIGN.md, "placement spec"): trained and uploaded and aggregated;
+# trained and kept on the client; never trained (bitwise its initial or received value); owned
+# by the server (sent down, never trained, never uploaded: e.g. a base delta).
+PLACEMENTS = ("shared", "personal", "frozen", "server")
 
 
-@dataclasses.dataclass(frozen=True)
-class ClientTraining:
-    """What every algorithm needs to train a client; algorithm-specific knobs are builder kwargs."""
-
-    model: LlamaConfig
-    adapter: AdapterConfig
-    local_steps: int = 10
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | linear (decay to 0 over the phase's steps) | cosine
-    warmup_steps: int = 0
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-    optimizer_state: str = "fresh"  # fresh (new AdamW each round) | persistent (kept per client)
-    compute_dtype: str = "float32"  # float32 | bfloat16
-    remat: bool = False
+class OptionsError(ValueError):
+    """A bad ``algorithm.options`` entry; the CLI prints it as one line."""
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
+class Models:
+    """The models a state defines: ``global_`` adapters (None: no global model) and
+    ``personal`` adapters with a leading client axis N. ``personal_is_global`` says every
+    client's personal model is the global one (``personal`` is then None)."""
+
+    global_: PyTree | None
+    personal: PyTree | None
+    personal_is_global: bool = struct.field(pytree_node=False, default=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Phase:
-    """One broadcast -> local training -> (optional) aggregation step of a round.
+    """One broadcast -> client training -> (optional) aggregation step of a round.
 
-    broadcast(server_state, client_ids[K]) -> payload. With ``per_client_broadcast`` the payload
-        has a leading axis K (e.g. FedALT's RoW differs per client); otherwise it is shared.
-    client_update(base, payload, client_state, batches, key) -> (upload, client_state, metrics)
-        for ONE client (the engine vmaps it). ``batches`` leaves are [steps, batch, seq].
-        ``metrics`` is a flat dict of scalars (at least "loss").
-    aggregate(server_state, uploads, weights, client_ids) -> server_state, or None (no
-        aggregation, e.g. FedLoRA-Optimizer's local phase). ``uploads`` leaves have a leading axis
-        K; ``weights`` [K] are data sizes, 0 for a client excluded this round (its upload is
-        zero-filled by the engine and must not change the server state).
+    broadcast(server, client_ids[K], info) -> payload (leading K with ``per_client_broadcast``).
+    client_update(base, payload, client_state, batches, key, info) -> (upload, client_state,
+        metrics) for ONE client; ``batches`` leaves are [steps, batch, seq]; ``metrics`` a flat
+        dict of scalars (at least "loss").
+    aggregate(server, uploads[K], weights[K], client_ids[K], info) -> server, or None (nothing
+        uploaded). ``weights`` are data sizes, 0 for an excluded client (zero-filled upload).
+    placement: leaf key -> one of PLACEMENTS; optimizer labels, uploads and personal state are
+        derived from it (``placement_labels``, ``select_placed``).
     """
 
     name: str
     steps: int
-    broadcast: Callable[[PyTree, Array], PyTree]
-    client_update: Callable[[PyTree, PyTree, PyTree, dict[str, Array], Array], tuple]
-    aggregate: Callable[[PyTree, PyTree, Array, Array], PyTree] | None
+    broadcast: Callable[[PyTree, Array, RoundInfo], PyTree]
+    client_update: Callable[..., tuple]
+    aggregate: Callable[[PyTree, PyTree, Array, Array, RoundInfo], PyTree] | None
+    placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
     per_client_broadcast: bool = False
 
+    def __post_init__(self) -> None:
+        check_placement(self.name, self.placement)
 
-@dataclasses.dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Algorithm:
-    """init(key, base, num_clients) -> (server_state, client_states with leading axis N).
+    """init(key, base, num_clients) -> (server_state, client_states with leading axis N; may be
+    empty). models(server_state, client_states, info) -> Models.
 
-    models(server_state, client_states) -> (global_adapters | None, personal_adapters | None);
-    personal adapters carry a leading axis N (one per client).
+    ``cache_key`` (name, options, training) lets compiled phases be reused across rebuilds of the
+    same algorithm; None keys them on this object.
     """
 
     name: str
     init: Callable[[Array, PyTree, int], tuple[PyTree, PyTree]]
     phases: tuple[Phase, ...]
-    models: Callable[[PyTree, PyTree], tuple[PyTree | None, PyTree | None]]
+    models: Callable[[PyTree, PyTree, RoundInfo], Models]
     pooled_data: bool = False  # Centralised: the engine trains one "client" on the union
+    cache_key: Hashable | None = None
 
 
-Builder = Callable[..., Algorithm]  # builder(training: ClientTraining, **options) -> Algorithm
-_REGISTRY: dict[str, Builder] = {}
+# ----------------------------------------------------------------------------- placement
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    def deco(fn: Builder) -> Builder:
-        _REGISTRY[name] = fn
-        return fn
+def check_placement(where: str, placement: Mapping[str, str]) -> None:
+    bad = {k: v for k, v in placement.items() if v not in PLACEMENTS}
+    if bad:
+        raise ValueError(f"{where}: placements {bad} are not allowed; allowed: {PLACEMENTS}")
+
+
+def keys_placed(placement: Mapping[str, str], *where: str) -> tuple[str, ...]:
+    """The leaf keys placed in any of ``where``, in the spec's order."""
+    return tuple(k for k, v in placement.items() if v in where)
+
+
+def placement_labels(placement: Mapping[str, str]) -> Callable[[Tree], Tree]:
+    """Optimizer labels (``optax.partition``): shared and personal train, frozen and server get
+    a zero update."""
+    from fedlora_jax.adapters import label_tree
+
+    rule = {k: v if v in ("shared", "personal") else "frozen" for k, v in placement.items()}
+    return lambda params: label_tree(params, rule)
+
+
+def _is_leaf(node: Any) -> bool:
+    return (
+        isinstance(node, Mapping)
+        and bool(node)
+        and not any(isinstance(v, Mapping) for v in node.values())
+    )
+
+
+def select_keys(tree: Tree, keys: tuple[str, ...] | list[str]) -> Tree:
+    """The same module tree with each leaf cut down to ``keys`` (e.g. only ``B``)."""
+    keep = tuple(keys)
+    if _is_leaf(tree):
+        return {k: tree[k] for k in keep if k in tree}
+    return {name: select_keys(sub, keep) for name, sub in tree.items()}
+
+
+def select_placed(tree: Tree, placement: Mapping[str, str], *where: str) -> Tree:
+    """The leaves of ``tree`` placed in ``where`` (e.g. the upload: ``"shared"``)."""
+    return select_keys(tree, keys_placed(placement, *where))
+
+
+def merge_trees(*trees: Tree) -> Tree:
+    """Deep union of module trees whose leaves hold disjoint keys (inverse of select_keys)."""
+    out: dict[str, Any] = {}
+    for tree in trees:
+        for name, sub in tree.items():
+            if name in out and isinstance(sub, Mapping) and not _is_leaf(sub):
+                out[name] = merge_trees(out[name], sub)
+            elif name in out and _is_leaf(sub):
+                out[name] = {**out[name], **sub}
+            else:
+                out[name] = sub
+    return out
+
+
+def replicate(tree: PyTree, n: int) -> PyTree:
+    """Stack ``n`` copies on a new leading axis (one row per client)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
+
+
+def require_kind(algorithm: str, training: ClientTraining, allowed: tuple[str, ...]) -> None:
+    if training.adapter.kind not in allowed:
+        raise ValueError(
+            f"adapter.kind={training.adapter.kind!r} is not supported by {algorithm}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """An algorithm without options."""
+
+
+def describe_options(options_cls: type) -> str:
+    """``name: type = default`` for every option (the error messages' list of valid ones)."""
+    hints = typing.get_type_hints(options_cls)
+    parts = [
+        f"{f.name}: {_type_name(hints[f.name])} = {f.default!r}"
+        for f in dataclasses.fields(options_cls)
+    ]
+    return ", ".join(parts) or "(none)"
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _accepts(tp: Any, value: Any) -> tuple[bool, Any]:
+    """(ok, value coerced): ints pass as floats; a comma string passes as tuple[str, ...]."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            ok, v = _accepts(arm, value)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return True, tuple(value)
+        return False, value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, tp), value
+
+
+def parse_options(name: str, options_cls: type, given: Mapping[str, Any]) -> Any:
+    """``options_cls(**given)`` type-checked; an unknown or mistyped option (or one its
+    ``__post_init__`` rejects) is one OptionsError line listing the valid options."""
+    hints = typing.get_type_hints(options_cls)
+    valid = f"valid options of {name}: {describe_options(options_cls)}"
+    values = {}
+    for key, value in given.items():
+        if key not in hints:
+            raise OptionsError(f"algorithm.options.{key} is not an option of {name}; {valid}")
+        ok, values[key] = _accepts(hints[key], value)
+        if not ok:
+            raise OptionsError(
+                f"algorithm.options.{key}={value!r} is not a {_type_name(hints[key])}; {valid}"
+            )
+    try:
+        return options_cls(**values)
+    except OptionsError:
+        raise
+    except ValueError as e:
+        raise OptionsError(f"{e}; {valid}") from None
+
+
+# ----------------------------------------------------------------------------- registry
+
+Builder = Callable[[ClientTraining, Any], Algorithm]  # builder(training, options) -> Algorithm
+
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    name: str
+    options: type
+    builder: Builder
+
+    def __call__(self, training: ClientTraining, **options: Any) -> Algorithm:
+        """Parse ``options`` and build; the result's compiled phases are cached on
+        (name, options, training)."""
+        parsed = parse_options(self.name, self.options, options)
+        alg = self.builder(training, parsed)
+        return dataclasses.replace(alg, cache_key=(self.name, parsed, training))
+
+
+_REGISTRY: dict[str, Registered] = {}
+
+
+def register(name: str, options: type = NoOptions) -> Callable[[Builder], Registered]:
+    """Register ``builder(training, options: Options) -> Algorithm`` under ``name``."""
+
+    def deco(fn: Builder) -> Registered:
+        _REGISTRY[name] = Registered(name, options, fn)
+        return _REGISTRY[name]
 
     return deco
 
 
-def get(name: str) -> Builder:
-    """The builder registered under ``name``: ``get("fedit")(training, **options)``."""
+def get(name: str) -> Registered:
+    """The algorithm registered under ``name``: ``get("fedit")(training, **options)``."""
     from fedlora_jax import algorithms as _pkg  # noqa: F401  (imports register the built-ins)
 
     if name not in _REGISTRY:

@@ -28,28 +28,36 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedlora_jax.adapters import init_adapters
-from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, PyTree, register
-from fedlora_jax.algorithms.common import (
-    init_client_states,
-    label_by_key,
+from fedlora_jax.adapters import init_adapters, label_tree
+from fedlora_jax.algorithms.base import (
+    Algorithm,
+    Models,
+    NoOptions,
+    Phase,
+    PyTree,
+    keys_placed,
     merge_trees,
+    register,
     require_kind,
     select_keys,
-    train_client,
 )
-from fedlora_jax.federated.local import make_loss_fn, make_optimizer
+from fedlora_jax.algorithms.common import init_client_states, train_client
+from fedlora_jax.algorithms.training import ClientTraining, make_loss_fn, make_optimizer
 
 Array = jax.Array
 Tree = dict[str, Any]
 
-ROW_KEYS = ("A0", "B0")  # Rest-of-World LoRA: frozen on the client, sent by the server
-INDIVIDUAL_KEYS = ("A1", "B1")  # the client's own LoRA: trained, uploaded
-PERSONAL_KEYS = (*INDIVIDUAL_KEYS, "G")  # what the client keeps between rounds (G: router)
+# Rest-of-World LoRA (A0, B0): frozen on the client, sent by the server. The client's own LoRA
+# (A1, B1): trained and uploaded, and also kept by the client (it never resets to an aggregate).
+# The mixer G: personal.
+PLACEMENT = {"A0": "frozen", "B0": "frozen", "A1": "shared", "B1": "shared", "G": "personal"}
+ROW_KEYS = keys_placed(PLACEMENT, "frozen")
+INDIVIDUAL_KEYS = keys_placed(PLACEMENT, "shared")
+PERSONAL_KEYS = keys_placed(PLACEMENT, "shared", "personal")  # kept between rounds
 TO_ROW = dict(zip(INDIVIDUAL_KEYS, ROW_KEYS, strict=True))
 # Optimizer routing: RoW frozen (zero update); A1, B1 and G one group, so one clip norm over all
 # trainable arrays as the official HF Trainer computes it.
-LABEL_RULE = {**dict.fromkeys(ROW_KEYS, "frozen"), **dict.fromkeys(PERSONAL_KEYS, "local")}
+LABEL_RULE = {k: "frozen" if k in ROW_KEYS else "shared" for k in PLACEMENT}
 
 
 def _rename_keys(tree: Tree, mapping: Mapping[str, str]) -> Tree:
@@ -80,9 +88,9 @@ def rest_of_world(individual: Tree, uploaded: Array, client_ids: Array) -> Tree:
 
 
 @register("fedalt")
-def fedalt(training: ClientTraining) -> Algorithm:
+def fedalt(training: ClientTraining, options: NoOptions) -> Algorithm:
     """server_state {"individual": {A1, B1}[N], "uploaded": bool[N]};
-    client_states {"individual": {A1, B1, G}[N], "rounds"[N], "opt_state" if persistent}.
+    client_states {"individual": {A1, B1, G}[N], "opt_state" if persistent}.
 
     The official optimizer (HF Trainer: fresh AdamW, linear decay, weight decay 0.05, clip 1.0
     over all trainable arrays) is ``training`` with schedule="linear", optimizer_state="fresh";
@@ -91,7 +99,10 @@ def fedalt(training: ClientTraining) -> Algorithm:
     require_kind("fedalt", training, ("mixture",))
     steps = training.local_steps
     loss_fn = make_loss_fn(training)
-    labels = label_by_key(LABEL_RULE)
+
+    def labels(params: Tree) -> Tree:
+        return label_tree(params, LABEL_RULE)
+
     tx = make_optimizer(training, labels, steps)
 
     def init(key: Array, base: PyTree, num_clients: int) -> tuple[PyTree, PyTree]:
@@ -105,11 +116,16 @@ def fedalt(training: ClientTraining) -> Algorithm:
         }
         return server, clients
 
-    def broadcast(server: PyTree, client_ids: Array) -> Tree:
+    def broadcast(server: PyTree, client_ids: Array, info: Any) -> Tree:
         return rest_of_world(server["individual"], server["uploaded"], client_ids)
 
     def client_update(
-        base: PyTree, payload: Tree, client_state: Tree, batches: Mapping[str, Array], key: Array
+        base: PyTree,
+        payload: Tree,
+        client_state: Tree,
+        batches: Mapping[str, Array],
+        key: Array,
+        info: Any,
     ) -> tuple[Tree, Tree, dict[str, Array]]:
         params = merge_trees(payload, client_state["individual"])
         rest = {k: v for k, v in client_state.items() if k != "individual"}
@@ -117,7 +133,9 @@ def fedalt(training: ClientTraining) -> Algorithm:
         upload = select_keys(params, INDIVIDUAL_KEYS)
         return upload, {**rest, "individual": select_keys(params, PERSONAL_KEYS)}, metrics
 
-    def aggregate(server: PyTree, uploads: Tree, weights: Array, client_ids: Array) -> PyTree:
+    def aggregate(
+        server: PyTree, uploads: Tree, weights: Array, client_ids: Array, info: Any
+    ) -> PyTree:
         took = weights > 0  # an excluded client's zero-filled row must not replace its copy
 
         def store(copies: Array, new: Array) -> Array:
@@ -130,10 +148,12 @@ def fedalt(training: ClientTraining) -> Algorithm:
             "uploaded": uploaded,
         }
 
-    def models(server: PyTree, client_states: PyTree) -> tuple[None, Tree]:
+    def models(server: PyTree, client_states: PyTree, info: Any) -> Models:
         n = server["uploaded"].shape[0]
         row = rest_of_world(server["individual"], server["uploaded"], jnp.arange(n))
-        return None, merge_trees(row, client_states["individual"])
+        return Models(None, merge_trees(row, client_states["individual"]))
 
-    phase = Phase("train", steps, broadcast, client_update, aggregate, per_client_broadcast=True)
+    phase = Phase(
+        "train", steps, broadcast, client_update, aggregate, PLACEMENT, per_client_broadcast=True
+    )
     return Algorithm("fedalt", init, (phase,), models)

@@ -23,16 +23,37 @@ import optax
 
 from fedlora_jax.adapters import init_adapters
 from fedlora_jax.adapters.base import TARGET_PRESETS, AdapterConfig
-from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, register
-from fedlora_jax.algorithms.common import init_client_states, require_kind
+from fedlora_jax.algorithms.base import Algorithm, Models, Phase, register, require_kind
+from fedlora_jax.algorithms.common import init_client_states
+from fedlora_jax.algorithms.training import (
+    ClientTraining,
+    local_train,
+    make_loss_fn,
+    make_schedule,
+)
 from fedlora_jax.federated.aggregation import fedavg
 from fedlora_jax.federated.comm import tree_nbytes
-from fedlora_jax.federated.local import local_train, make_loss_fn, make_schedule
 from fedlora_jax.optim import ajive, galore
 
 PyTree = Any
 Array = jax.Array
 SYNCS = ("ajive", "mean", "none")
+PLACEMENT = {"dW": "shared"}  # uploaded as this round's change of dW (plus its moment)
+
+
+@dataclasses.dataclass(frozen=True)
+class FedGaLoreOptions:
+    """rank: GaLore rank (None = adapter.r); update_proj_gap: projector refresh period within a
+    round (each round refreshes at its step 0); galore_scale: GaLore's alpha; sync: ajive | mean |
+    none; threshold: AJIVE joint threshold on the mean squared cosine; targets: modules trained
+    ("adapter" = adapter.targets)."""
+
+    rank: int | None = None
+    update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    sync: str = "ajive"
+    threshold: float = 0.75
+    targets: str = "attn"
 
 
 def make_galore_optimizer(
@@ -145,25 +166,15 @@ def _check_rank(adapters: PyTree, rank: int) -> None:
         )
 
 
-@register("fedgalore")
-def fedgalore(
-    training: ClientTraining,
-    rank: int | None = None,
-    update_proj_gap: int = 200,
-    galore_scale: float = 0.25,
-    sync: str = "ajive",
-    threshold: float = 0.75,
-    targets: str = "attn",
-) -> Algorithm:
-    """rank: GaLore rank (None = adapter.r); update_proj_gap: projector refresh period within a
-    round (each round refreshes at its step 0); galore_scale: GaLore's alpha; sync: ajive | mean |
-    none; threshold: AJIVE joint threshold on the mean squared cosine; targets: modules trained
-    ("adapter" = adapter.targets).
-
-    server_state {"adapters", and unless sync=none "basis" and "nu" (projector- and moment-shaped
-    per target), "synced", "joint_rank"}; client_states {"rounds"[N]}.
+@register("fedgalore", FedGaLoreOptions)
+def fedgalore(training: ClientTraining, options: FedGaLoreOptions) -> Algorithm:
+    """server_state {"adapters", and unless sync=none "basis" and "nu" (projector- and moment-shaped
+    per target), "synced", "joint_rank"}; client_states {} (a fresh optimizer every round).
     """
-    rank = training.adapter.r if rank is None else rank
+    o = options
+    rank = training.adapter.r if o.rank is None else o.rank
+    sync, threshold, targets = o.sync, o.threshold, o.targets
+    update_proj_gap, galore_scale = o.update_proj_gap, o.galore_scale
     _check_options(training, rank, sync, threshold, targets)
     adapter_cfg = _adapter_cfg(training, targets)
     _check_rank(
@@ -183,10 +194,10 @@ def fedgalore(
             server["joint_rank"] = jax.tree.map(lambda _: jnp.zeros([], jnp.int32), adapters)
         return server, init_client_states(training, tx, adapters, num_clients)
 
-    def broadcast(server, client_ids):
+    def broadcast(server, client_ids, info):
         return {k: server[k] for k in ("adapters", "basis", "nu", "synced") if k in server}
 
-    def client_update(base, payload, client_state, batches, key):
+    def client_update(base, payload, client_state, batches, key, info):
         params = payload["adapters"]
         opt_state = tx.init(params)
         if synced:
@@ -204,9 +215,9 @@ def fedgalore(
         if synced:
             upload["nu"] = galore.second_moment(opt_state)
             upload["proj"] = galore.projectors(opt_state)
-        return upload, {**client_state, "rounds": client_state["rounds"] + 1}, metrics
+        return upload, client_state, metrics
 
-    def aggregate(server, uploads, weights, client_ids):
+    def aggregate(server, uploads, weights, client_ids, info):
         mean_delta = fedavg(uploads["delta"], weights)
         out = {"adapters": jax.tree.map(jnp.add, server["adapters"], mean_delta)}
         if synced:
@@ -216,8 +227,8 @@ def fedgalore(
             out.update(basis=basis, nu=shared, synced=jnp.ones([], bool), joint_rank=kept)
         return out
 
-    def models(server, client_states):
-        return server["adapters"], None
+    def models(server, client_states, info):
+        return Models(server["adapters"], None, personal_is_global=True)
 
-    phase = Phase("train", training.local_steps, broadcast, client_update, aggregate)
+    phase = Phase("train", training.local_steps, broadcast, client_update, aggregate, PLACEMENT)
     return Algorithm("fedgalore", init, (phase,), models)

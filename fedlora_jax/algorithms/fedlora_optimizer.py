@@ -13,24 +13,24 @@ knowledge. Each round has two phases:
    no gradient).
 2. ``personal``: each client takes the new global adapter with its own B_M (``personal_bm=
    "persistent"``; the global B_M the first time, or always with ``"restart"``) and trains only
-   B_M for E_l steps with the local optimizer. Nothing is uploaded. With ``local_phase="final"``
-   this phase trains only in the round numbered ``rounds`` (after the last aggregation); in
-   earlier rounds it is a no-op (a ``lax.cond`` on the server's round counter, which is shared by
-   all clients, so the skipped branch costs nothing) and reports NaN metrics.
+   B_M for E_l steps with the personal optimizer. Nothing is uploaded. With
+   ``local_phase="final"`` this phase trains only in the last round (``RoundInfo.is_last``, after
+   the last aggregation); in earlier rounds it is a no-op (a ``lax.cond`` on the round, which is
+   shared by all clients, so the skipped branch costs nothing) and reports NaN metrics.
 
 Global model = the server adapter. Personal model of client i = global {A_M, A_D, B_D} + B_M_i
 (the global B_M for a client that never ran the personal phase).
 
-The two optimizers are one ``optax.partition`` per phase (``federated.local.make_optimizer``):
-label ``global`` → AdamW(global_lr, E_g steps), ``local`` → AdamW(local_lr, E_l steps),
-``frozen`` → zero update. With ``optimizer_state="persistent"`` each client keeps both phases'
-optimizer states across rounds.
+The two optimizers are one ``optax.partition`` per phase (``training.make_optimizer``), labelled
+from each phase's placement: ``shared`` → AdamW(global_lr, E_g steps), ``personal`` →
+AdamW(local_lr, E_l steps), ``frozen`` → zero update. With ``optimizer_state="persistent"``
+each client keeps both phases' optimizer states across rounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -38,18 +38,25 @@ import jax.numpy as jnp
 import optax
 
 from fedlora_jax.adapters import init_adapters
-from fedlora_jax.algorithms.base import Algorithm, ClientTraining, Phase, register
-from fedlora_jax.algorithms.common import (
-    init_client_states,
-    label_by_key,
+from fedlora_jax.algorithms.base import (
+    Algorithm,
+    Models,
+    Phase,
     merge_trees,
+    placement_labels,
+    register,
     replicate,
     require_kind,
     select_keys,
-    train_client,
+)
+from fedlora_jax.algorithms.common import init_client_states, train_client
+from fedlora_jax.algorithms.training import (
+    ClientTraining,
+    local_train,
+    make_loss_fn,
+    make_optimizer,
 )
 from fedlora_jax.federated.aggregation import fedavg
-from fedlora_jax.federated.local import local_train, make_loss_fn, make_optimizer
 
 PyTree = Any
 Array = jax.Array
@@ -59,14 +66,14 @@ SHARED = ("A_M", "A_D", "B_D")  # what the personal model takes from the global 
 VARIANTS = {"default": COMPONENTS, "paper_literal": ("A_D",)}  # global-phase train/aggregate set
 LOCAL_PHASES = ("every_round", "final")
 PERSONAL_BM = ("persistent", "restart")
+PERSONAL_PLACEMENT = {c: "personal" if c == "B_M" else "frozen" for c in COMPONENTS}
 
 
-def _choice(key: str, value: str, allowed: Sequence[str]) -> str:
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(
             f"algorithm.options.{key}={value!r} is not allowed; allowed: {', '.join(allowed)}"
         )
-    return value
 
 
 def _components(key: str, value: str | Sequence[str] | None, default: Sequence[str]) -> tuple:
@@ -83,14 +90,45 @@ def _components(key: str, value: str | Sequence[str] | None, default: Sequence[s
     return tuple(c for c in COMPONENTS if c in names)
 
 
-def _positive(key: str, value: float | None, default: float, *, integer: bool = False) -> Any:
-    """``value`` (``default`` when None), which must be > 0, and an int if ``integer``."""
-    if value is None:
-        return default
-    if (integer and (not isinstance(value, int) or isinstance(value, bool))) or value <= 0:
-        kind = "a positive integer" if integer else "> 0"
+def _positive(key: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        kind = "a positive integer" if isinstance(value, int) else "> 0"
         raise ValueError(f"algorithm.options.{key}={value!r} must be {kind}")
-    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FedLoRAOptimizerOptions:
+    """E_g / E_l default to training.local_steps, the lrs to training.lr; ``global_train`` and
+    ``aggregate`` are component sets (comma-separated), default from the variant."""
+
+    global_steps: int | None = None  # E_g
+    local_steps_personal: int | None = None  # E_l
+    global_lr: float | None = None
+    local_lr: float | None = None
+    variant: str = "default"  # default | paper_literal
+    global_train: str | tuple[str, ...] | None = None
+    aggregate: str | tuple[str, ...] | None = None
+    local_phase: str = "every_round"  # every_round | final (only in the last round)
+    personal_bm: str = "persistent"  # persistent | restart
+
+    def __post_init__(self) -> None:
+        _choice("variant", self.variant, tuple(VARIANTS))
+        _choice("local_phase", self.local_phase, LOCAL_PHASES)
+        _choice("personal_bm", self.personal_bm, PERSONAL_BM)
+        for key in ("global_steps", "local_steps_personal", "global_lr", "local_lr"):
+            _positive(key, getattr(self, key))
+        trained, aggregated = self.trained(), self.aggregated()
+        if not set(aggregated) <= set(trained):
+            raise ValueError(
+                f"algorithm.options.aggregate={aggregated} must be a subset of global_train="
+                f"{trained} (a frozen component is identical on every client)"
+            )
+
+    def trained(self) -> tuple[str, ...]:
+        return _components("global_train", self.global_train, VARIANTS[self.variant])
+
+    def aggregated(self) -> tuple[str, ...]:
+        return _components("aggregate", self.aggregate, VARIANTS[self.variant])
 
 
 def _choose(flag: Array, own: PyTree, shared: PyTree) -> PyTree:
@@ -107,20 +145,21 @@ class PhaseOptimizers(NamedTuple):
     """The two phases' optax.partition optimizers and their label functions."""
 
     tx_global: optax.GradientTransformation
-    labels_global: Callable[[PyTree], PyTree]
+    labels_global: Any
     tx_personal: optax.GradientTransformation
-    labels_personal: Callable[[PyTree], PyTree]
+    labels_personal: Any
 
 
 def phase_optimizers(
     train_global: ClientTraining, train_local: ClientTraining, trained: Sequence[str]
 ) -> PhaseOptimizers:
-    """Global phase: ``trained`` components → ``global`` (AdamW at train_global.lr over its
-    local_steps), the rest frozen. Personal phase: B_M → ``local`` (AdamW at train_local.lr),
-    the rest frozen. Both carry all three groups so that their states have one structure."""
-    kw = {"local": train_local, "local_steps": train_local.local_steps}
-    labels_g = label_by_key({c: "global" if c in trained else "frozen" for c in COMPONENTS})
-    labels_l = label_by_key({c: "local" if c == "B_M" else "frozen" for c in COMPONENTS})
+    """Labels from each phase's placement. Global phase: ``trained`` components → ``shared``
+    (AdamW at train_global.lr over its local_steps), the rest frozen. Personal phase: B_M →
+    ``personal`` (AdamW at train_local.lr), the rest frozen. Both carry all three groups so that
+    their states have one structure."""
+    kw = {"personal": train_local, "personal_steps": train_local.local_steps}
+    labels_g = placement_labels(global_placement(trained))
+    labels_l = placement_labels(PERSONAL_PLACEMENT)
     steps = train_global.local_steps
     return PhaseOptimizers(
         make_optimizer(train_global, labels_g, steps, **kw), labels_g,
@@ -128,61 +167,26 @@ def phase_optimizers(
     )  # fmt: skip
 
 
-@register("fedlora_optimizer")
-def fedlora_optimizer(
-    training: ClientTraining,
-    *,
-    global_steps: int | None = None,
-    local_steps_personal: int | None = None,
-    global_lr: float | None = None,
-    local_lr: float | None = None,
-    variant: str = "default",
-    global_train: str | Sequence[str] | None = None,
-    aggregate: str | Sequence[str] | None = None,
-    local_phase: str = "every_round",
-    personal_bm: str = "persistent",
-    rounds: int | None = None,
-) -> Algorithm:
-    """server_state {"adapters", "round"}; client_states {"B_M"[N], "has_bm"[N], "rounds"[N],
-    "opt_state"? and "local_opt_state"? (persistent optimizer state)}.
+def global_placement(trained: Sequence[str]) -> dict[str, str]:
+    return {c: "shared" if c in trained else "frozen" for c in COMPONENTS}
 
-    Options: ``global_steps`` E_g (default training.local_steps), ``local_steps_personal`` E_l
-    (default training.local_steps), ``global_lr`` / ``local_lr`` (default training.lr),
-    ``variant`` default | paper_literal, ``global_train`` / ``aggregate`` (component sets,
-    default from the variant), ``local_phase`` every_round | final (``rounds`` required for
-    final), ``personal_bm`` persistent | restart.
-    """
+
+@register("fedlora_optimizer", FedLoRAOptimizerOptions)
+def fedlora_optimizer(training: ClientTraining, options: FedLoRAOptimizerOptions) -> Algorithm:
+    """server_state {"adapters"}; client_states {"B_M"[N], "has_bm"[N], "opt_state"? and
+    "local_opt_state"? (persistent optimizer state)}."""
     require_kind("fedlora_optimizer", training, ("decomposed",))
-    _choice("variant", variant, tuple(VARIANTS))
-    _choice("local_phase", local_phase, LOCAL_PHASES)
-    _choice("personal_bm", personal_bm, PERSONAL_BM)
-    if variant == "paper_literal" and training.adapter.init != "paper_literal":
+    o = options
+    if o.variant == "paper_literal" and training.adapter.init != "paper_literal":
         raise ValueError(
             "algorithm.options.variant='paper_literal' needs adapter.init='paper_literal' "
             "(with B_M = 0 the A_D trained alone would get no gradient)"
         )
-    trained = _components("global_train", global_train, VARIANTS[variant])
-    aggregated = _components("aggregate", aggregate, VARIANTS[variant])
-    if not set(aggregated) <= set(trained):
-        raise ValueError(
-            f"algorithm.options.aggregate={aggregated} must be a subset of global_train="
-            f"{trained} (a frozen component is identical on every client)"
-        )
-    if local_phase == "final" and (rounds is None or rounds < 1):
-        raise ValueError(
-            "algorithm.options.rounds must be set to federated.rounds (>= 1) when "
-            f"local_phase='final'; got {rounds!r}"
-        )
-    e_g = _positive("global_steps", global_steps, training.local_steps, integer=True)
-    e_l = _positive(
-        "local_steps_personal", local_steps_personal, training.local_steps, integer=True
-    )
-    train_g = dataclasses.replace(
-        training, lr=_positive("global_lr", global_lr, training.lr), local_steps=e_g
-    )
-    train_l = dataclasses.replace(
-        training, lr=_positive("local_lr", local_lr, training.lr), local_steps=e_l
-    )
+    trained, aggregated = o.trained(), o.aggregated()
+    e_g = o.global_steps or training.local_steps
+    e_l = o.local_steps_personal or training.local_steps
+    train_g = dataclasses.replace(training, lr=o.global_lr or training.lr, local_steps=e_g)
+    train_l = dataclasses.replace(training, lr=o.local_lr or training.lr, local_steps=e_l)
     loss_fn = make_loss_fn(training)
     kept = tuple(c for c in COMPONENTS if c not in aggregated)  # server keeps these as they are
     tx_g, labels_g, tx_l, labels_l = phase_optimizers(train_g, train_l, trained)
@@ -195,33 +199,33 @@ def fedlora_optimizer(
         clients["has_bm"] = jnp.zeros((num_clients,), bool)
         if persistent:
             clients["local_opt_state"] = replicate(tx_l.init(adapters), num_clients)
-        return {"adapters": adapters, "round": jnp.zeros((), jnp.int32)}, clients
+        return {"adapters": adapters}, clients
 
     # ------------------------------------------------------------------ global phase
 
-    def broadcast_global(server, client_ids):
+    def broadcast_global(server, client_ids, info):
         return server["adapters"]
 
-    def update_global(base, payload, client_state, batches, key):
+    def update_global(base, payload, client_state, batches, key, info):
         params, client_state, metrics = train_client(
             loss_fn, tx_g, base, payload, client_state, batches, key, labels_g
         )
         return select_keys(params, aggregated), client_state, metrics
 
-    def aggregate_global(server, uploads, weights, client_ids):
+    def aggregate_global(server, uploads, weights, client_ids, info):
         adapters = fedavg(uploads, weights)
         if kept:
             adapters = merge_trees(select_keys(server["adapters"], kept), adapters)
-        return {"adapters": adapters, "round": server["round"] + 1}
+        return {"adapters": adapters}
 
     # ------------------------------------------------------------------ personal phase
 
-    def broadcast_personal(server, client_ids):
+    def broadcast_personal(server, client_ids, info):
         return server
 
     def train_personal(base, server, client_state, batches, key):
         start = select_keys(server["adapters"], ("B_M",))
-        if personal_bm == "persistent":
+        if o.personal_bm == "persistent":
             start = _choose(client_state["has_bm"], client_state["B_M"], start)
         params = merge_trees(select_keys(server["adapters"], SHARED), start)
         stored = client_state.get("local_opt_state")
@@ -238,9 +242,9 @@ def fedlora_optimizer(
             new_state["local_opt_state"] = opt_state
         return new_state, metrics
 
-    def update_personal(base, payload, client_state, batches, key):
+    def update_personal(base, payload, client_state, batches, key, info):
         operands = (base, payload, client_state, batches, key)
-        if local_phase == "every_round":
+        if o.local_phase == "every_round":
             new_state, metrics = train_personal(*operands)
         else:
 
@@ -248,23 +252,28 @@ def fedlora_optimizer(
                 shapes = jax.eval_shape(train_personal, *operands)[1]
                 return client_state, jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan), shapes)
 
-            new_state, metrics = jax.lax.cond(
-                payload["round"] >= rounds, train_personal, skip, *operands
-            )
+            new_state, metrics = jax.lax.cond(info.is_last, train_personal, skip, *operands)
         return {}, new_state, metrics
 
     # ------------------------------------------------------------------ models
 
-    def models(server, client_states):
+    def models(server, client_states, info):
         adapters = server["adapters"]
-        n = client_states["has_bm"].shape[0]
         own = _choose(
             client_states["has_bm"], client_states["B_M"], select_keys(adapters, ("B_M",))
         )
-        return adapters, merge_trees(replicate(select_keys(adapters, SHARED), n), own)
+        n = info.num_clients
+        return Models(adapters, merge_trees(replicate(select_keys(adapters, SHARED), n), own))
 
     phases = (
-        Phase("global", e_g, broadcast_global, update_global, aggregate_global),
-        Phase("personal", e_l, broadcast_personal, update_personal, None),
+        Phase(
+            "global",
+            e_g,
+            broadcast_global,
+            update_global,
+            aggregate_global,
+            global_placement(trained),
+        ),  # fmt: skip
+        Phase("personal", e_l, broadcast_personal, update_personal, None, PERSONAL_PLACEMENT),
     )
     return Algorithm("fedlora_optimizer", init, phases, models)

@@ -293,15 +293,6 @@ def _leading_axis(tree: PyTree) -> int:
     return sizes.pop()
 
 
-def _replicates_global(personal: PyTree, global_adapters: PyTree) -> bool:
-    """True when every client's personal adapter equals the global one (FedIT, FFA-LoRA return
-    the global adapter replicated): local then means the global adapter, scored only once."""
-    if jax.tree.structure(personal) != jax.tree.structure(global_adapters):
-        return False
-    pairs = zip(jax.tree.leaves(personal), jax.tree.leaves(global_adapters), strict=True)
-    return all(p.shape[1:] == g.shape and bool(jnp.all(p == g[None])) for p, g in pairs)
-
-
 def evaluate(
     base: PyTree,
     global_adapters: PyTree | None,
@@ -323,9 +314,10 @@ def evaluate(
 
     ``clients_test[i]`` is client i's test split; ``personal_adapters`` leaves carry a leading
     client axis of that length. Global = ``global_adapters`` on the union of the splits; local =
-    personal adapter i on split i, or, when ``personal_adapters`` is None or a replica of the
-    global adapter (FedIT, FFA-LoRA, Centralised), the global adapter on each split, recorded as
-    ``local.adapter = "global"``. Pass ``{}`` as ``global_adapters`` to evaluate the base model.
+    personal adapter i on split i, or, when ``personal_adapters`` is None (the algorithm's
+    ``Models.personal_is_global``: FedIT, FFA-LoRA, Centralised), the global adapter on each
+    split, recorded as ``local.adapter = "global"``; arrays are never compared. Pass ``{}`` as
+    ``global_adapters`` to evaluate the base model.
     ``eos_ids`` defaults to ``cfg.eos_ids``; ``pad_id`` to ``cfg.pad_token_id``, else the first
     EOS id (pads are masked out either way). With ``return_predictions`` also returns the decoded
     generations per section.
@@ -366,9 +358,6 @@ def evaluate(
         ),
     )
 
-    both = global_adapters is not None and personal_adapters is not None
-    if both and _replicates_global(personal_adapters, global_adapters):
-        personal_adapters = None
     # Both sections run as K lanes (K = clients) of one program: personal lane i = client i's
     # split under its adapter; global = the union dealt over K lanes under K copies of the global
     # adapter, so with equal splits both sections share one compiled shape.

@@ -4,11 +4,16 @@ aggregate) → scatter client states back.
 One jitted function per (phase, backend) does the whole phase on device: gather the sampled
 clients' rows of the N-stacked client state, run ``client_update`` for all of them (vmap, chunked
 ``lax.map`` or ``shard_map`` over a ``clients`` mesh axis), exclude clients whose upload or new
-state is non-finite, aggregate, and scatter. The compiled functions are cached, so the round
-loop traces each phase once per shape.
+state is non-finite, aggregate, and scatter. The compiled functions are cached per (algorithm
+name, options, training) and phase, so the round loop traces each phase once per shape. The
+``debug`` backend runs the same phase without jit, one client at a time, and names the client
+and round of an error: for people writing a new method.
 
 Client c's key in round r, phase p is ``fold_in(fold_in(fold_in(state.rng, r), p), c)``: results
-do not depend on the backend or on which other clients were sampled.
+do not depend on the backend or on which other clients were sampled. The server's key for the
+phase (``RoundInfo.key``) is ``fold_in(phase key, SERVER_KEY)``.
+
+The engine is typed against the small Protocols below; ``algorithms.base`` implements them.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,31 +31,62 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fedlora_jax.federated.comm import phase_bytes
+from fedlora_jax.federated.context import RoundInfo
 from fedlora_jax.federated.sampling import sample_clients
-
-if TYPE_CHECKING:
-    from fedlora_jax.algorithms.base import Algorithm, Phase
 
 PyTree = Any
 Array = jax.Array
-BatchesFn = Callable[[int, "Phase", np.ndarray], Mapping[str, Any]]
-Batches = BatchesFn | Mapping[str, Any]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("vmap", "chunked", "shard_map")
+BACKENDS = ("vmap", "chunked", "shard_map", "debug")
 MESH_AXIS = "clients"
+SERVER_KEY = 0x7FFFFFFF  # folded into the phase key for the server (client ids are < N)
+
+
+class Phase(Protocol):
+    """One broadcast → client_update → aggregate step (``algorithms.base.Phase``)."""
+
+    name: str
+    steps: int
+    per_client_broadcast: bool
+
+    def broadcast(self, server: PyTree, client_ids: Array, info: RoundInfo) -> PyTree: ...
+
+    def client_update(
+        self, base: PyTree, payload: PyTree, state: PyTree, batches: Any, key: Array, info: Any
+    ) -> tuple: ...
+
+    @property
+    def aggregate(self) -> Callable[..., PyTree] | None: ...
+
+
+class Algorithm(Protocol):
+    """What the engine runs (``algorithms.base.Algorithm``)."""
+
+    phases: tuple[Phase, ...]
+    pooled_data: bool
+    cache_key: Hashable | None
+
+    def init(self, key: Array, base: PyTree, num_clients: int) -> tuple[PyTree, PyTree]: ...
+
+    def models(self, server: PyTree, clients: PyTree, info: RoundInfo) -> Any: ...
+
+
+BatchesFn = Callable[[int, Phase, np.ndarray], Mapping[str, Any]]
+Batches = BatchesFn | Mapping[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How rounds run. Sampling: ``clients_per_round`` or ``client_fraction`` (all when neither)."""
 
-    backend: str = "vmap"  # vmap | chunked | shard_map
+    backend: str = "vmap"  # vmap | chunked | shard_map | debug (no jit, one client at a time)
     chunk_size: int = 1  # chunked: clients vmapped together inside lax.map
     clients_per_round: int | None = None
     client_fraction: float | None = None
     seed: int = 0  # sampling seed; with the round index it fixes the sampled clients
+    rounds: int | None = None  # the run length, given to algorithms as RoundInfo.total_rounds
     donate: bool = True  # donate server/client state buffers to the jitted phase (state consumed)
 
     def __post_init__(self) -> None:
@@ -80,7 +116,7 @@ def init_state(algorithm: Algorithm, base: PyTree, num_clients: int, seed: int =
     init_key, run_key = jax.random.split(key)
     n = 1 if algorithm.pooled_data else num_clients
     server, clients = algorithm.init(init_key, base, n)
-    num_rows(clients)  # validates the leading axis
+    num_rows(clients, n)  # validates the leading axis
     server, clients = _unalias((server, clients), base)
     return EngineState(server, clients, run_key, 0)
 
@@ -99,14 +135,16 @@ def _unalias(state: PyTree, base: PyTree) -> PyTree:
     return jax.tree.map(own, state)
 
 
-def num_rows(client_states: PyTree) -> int:
-    """N, the leading axis shared by every client-state leaf."""
+def num_rows(client_states: PyTree, n: int) -> int:
+    """Check that every client-state leaf has the leading client axis N (the state may be
+    empty: an algorithm whose clients keep nothing between rounds)."""
     sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(client_states)}
-    if len(sizes) != 1 or None in sizes:
+    if sizes - {n}:
         raise ValueError(
-            f"client_states leaves must share one leading client axis; got leading sizes {sizes}"
+            f"client_states leaves must share one leading client axis of {n}; got leading "
+            f"sizes {sizes}"
         )
-    return sizes.pop()
+    return n
 
 
 # ----------------------------------------------------------------------------- backends
@@ -130,23 +168,48 @@ def _pad_rows(tree: PyTree, pad: int) -> PyTree:
     return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, 0)]), tree)
 
 
+def _debug_clients(phase: Phase) -> Callable[..., tuple]:
+    """No jit, a Python loop over the clients; an error names the phase, round and client."""
+
+    def loop(base, payload, states, batches, keys, info, ids):
+        outs = []
+        for i, cid in enumerate(np.asarray(ids).tolist()):
+            row = lambda t, i=i: jax.tree.map(lambda x: x[i], t)  # noqa: E731
+            own = row(payload) if phase.per_client_broadcast else payload
+            try:
+                out = phase.client_update(base, own, row(states), row(batches), keys[i], info)
+            except Exception as e:
+                raise RuntimeError(
+                    f"phase {phase.name!r}, round {int(info.round)}, client {cid}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            outs.append(out)
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return loop
+
+
 def map_clients(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
-    """``f(base, payload, client_states[K], batches[K], keys[K]) -> (uploads, states, metrics)``
-    with a leading K on every output, built for the configured backend."""
+    """``f(base, payload, client_states[K], batches[K], keys[K], info, ids[K]) -> (uploads,
+    states, metrics)`` with a leading K on every output, built for the configured backend."""
     update = phase.client_update
     payload_axis = 0 if phase.per_client_broadcast else None
-    vmapped = jax.vmap(update, in_axes=(None, payload_axis, 0, 0, 0))
+    vmapped = jax.vmap(update, in_axes=(None, payload_axis, 0, 0, 0, None))
+    if config.backend == "debug":
+        return _debug_clients(phase)
     if config.backend == "vmap":
-        return vmapped
+        return lambda *args: vmapped(*args[:6])
     if config.backend == "chunked":
 
-        def chunked(base: PyTree, payload: PyTree, states: PyTree, batches: PyTree, keys: Array):
+        def chunked(base, payload, states, batches, keys, info, ids):
             if phase.per_client_broadcast:
                 xs = (payload, states, batches, keys)
-                return jax.lax.map(lambda x: update(base, *x), xs, batch_size=config.chunk_size)
+                return jax.lax.map(
+                    lambda x: update(base, *x, info), xs, batch_size=config.chunk_size
+                )
             xs = (states, batches, keys)
             return jax.lax.map(
-                lambda x: update(base, payload, *x), xs, batch_size=config.chunk_size
+                lambda x: update(base, payload, *x, info), xs, batch_size=config.chunk_size
             )
 
         return chunked
@@ -158,17 +221,17 @@ def map_clients(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
     smapped = jax.shard_map(
         vmapped,
         mesh=mesh,
-        in_specs=(P(), payload_spec, sharded, sharded, sharded),
+        in_specs=(P(), payload_spec, sharded, sharded, sharded, P()),
         out_specs=sharded,
         check_vma=False,
     )
 
-    def over_mesh(base: PyTree, payload: PyTree, states: PyTree, batches: PyTree, keys: Array):
+    def over_mesh(base, payload, states, batches, keys, info, ids):
         k = keys.shape[0]
         pad = -k % n_dev
         if phase.per_client_broadcast:
             payload = _pad_rows(payload, pad)
-        out = smapped(base, payload, *_pad_rows((states, batches, keys), pad))
+        out = smapped(base, payload, *_pad_rows((states, batches, keys), pad), info)
         return jax.tree.map(lambda x: x[:k], out)
 
     return over_mesh
@@ -193,7 +256,7 @@ def _where_rows(mask: Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(pick, new, old)
 
 
-def _phase_core(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
+def _phase_core(phase: Phase, config: EngineConfig, num_clients: int) -> Callable[..., tuple]:
     """The whole phase as one traceable function (jitted by ``compiled_phase``; traced
     abstractly by ``comm_bytes``, which reads the payload and upload it also returns)."""
     run_clients = map_clients(phase, config)
@@ -211,16 +274,17 @@ def _phase_core(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
     ) -> tuple:
         k = ids.shape[0]
         key = jax.random.fold_in(jax.random.fold_in(rng, round_idx), phase_idx)
-        payload = phase.broadcast(server, ids)
+        info = RoundInfo(round_idx, jax.random.fold_in(key, SERVER_KEY), config.rounds, num_clients)
+        payload = phase.broadcast(server, ids, info)
         states = jax.tree.map(lambda x: x[ids], clients)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-        uploads, new_states, metrics = run_clients(base, payload, states, batches, keys)
+        uploads, new_states, metrics = run_clients(base, payload, states, batches, keys, info, ids)
         valid = _finite_rows(uploads, k) & _finite_rows(new_states, k)
         uploads = _where_rows(valid, uploads, jax.tree.map(jnp.zeros_like, uploads))
         weights = jnp.where(valid, sizes, 0.0)
         aggregated = jnp.any(weights > 0)
         if phase.aggregate is not None:
-            new_server = phase.aggregate(server, uploads, weights, ids)
+            new_server = phase.aggregate(server, uploads, weights, ids, info)
             server = jax.tree.map(lambda n, o: jnp.where(aggregated, n, o), new_server, server)
         new_states = _where_rows(valid, new_states, states)
         clients = jax.tree.map(lambda a, s: a.at[ids].set(s), clients, new_states)
@@ -229,15 +293,34 @@ def _phase_core(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
     return core
 
 
-@functools.cache
-def compiled_phase(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
-    """The jitted phase (cached per phase and config; jit caches per shape)."""
-    core = _phase_core(phase, config)
+_COMPILED: dict[tuple, Callable[..., tuple]] = {}
 
-    def step(*args: Any) -> tuple:
-        return core(*args)[:5]  # payload and uploads stay on device, unreturned
 
-    return jax.jit(step, donate_argnums=(1, 2) if config.donate else ())
+def _cache_key(algorithm: Algorithm, p: int) -> Hashable:
+    """(name, options, training, phase index) for a registered algorithm, else the phase. The
+    phase functions' code objects are part of the key, so a phase swapped in by hand (a wrapper)
+    never reuses the registered one's compiled function."""
+    phase = algorithm.phases[p]
+    if algorithm.cache_key is None:
+        return phase
+    fns = (phase.broadcast, phase.client_update, phase.aggregate)
+    return (algorithm.cache_key, p, *(getattr(f, "__code__", f) for f in fns))
+
+
+def compiled_phase(
+    algorithm: Algorithm, p: int, config: EngineConfig, num_clients: int
+) -> Callable[..., tuple]:
+    """Phase ``p`` jitted (cached per algorithm cache key, phase and config; jit caches per
+    shape)."""
+    key = (_cache_key(algorithm, p), config, num_clients)
+    if key not in _COMPILED:
+        core = _phase_core(algorithm.phases[p], config, num_clients)
+
+        def step(*args: Any) -> tuple:
+            return core(*args)[:5]  # payload and uploads stay on device, unreturned
+
+        _COMPILED[key] = jax.jit(step, donate_argnums=(1, 2) if config.donate else ())
+    return _COMPILED[key]
 
 
 def _signature(*trees: PyTree) -> tuple:
@@ -248,15 +331,18 @@ def _signature(*trees: PyTree) -> tuple:
 _COMM_CACHE: dict[tuple, tuple[int, int]] = {}
 
 
-def comm_bytes(phase: Phase, config: EngineConfig, *args: PyTree) -> tuple[int, int]:
-    """(down, up) bytes per client for this phase, from the traced payload and upload shapes.
+def comm_bytes(
+    algorithm: Algorithm, p: int, config: EngineConfig, num_clients: int, *args: PyTree
+) -> tuple[int, int]:
+    """(down, up) bytes per client for phase ``p``, from the traced payload and upload shapes.
 
     ``args`` are the jitted phase's arguments; the shapes are traced once per signature.
     """
-    key = (phase, config, _signature(*args))
+    phase = algorithm.phases[p]
+    key = (_cache_key(algorithm, p), config, num_clients, _signature(*args))
     if key not in _COMM_CACHE:
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
-        out = jax.eval_shape(_phase_core(phase, config), *shapes)
+        out = jax.eval_shape(_phase_core(phase, config, num_clients), *shapes)
         _COMM_CACHE[key] = phase_bytes(
             out[5], out[6], phase.per_client_broadcast, phase.aggregate is not None
         )
@@ -323,16 +409,16 @@ def run_round(
     ``<phase>/excluded`` (non-finite clients), ``<phase>/aggregated``; ``comm/*`` bytes.
     """
     start = time.perf_counter()
-    n = num_rows(state.client_states)
     sizes = np.asarray(client_sizes, np.float32).reshape(-1)
     if algorithm.pooled_data:
+        n = num_rows(state.client_states, 1)
         ids = np.zeros((1,), np.int32)
         sizes = np.asarray([sizes.sum()], np.float32)
     else:
-        if sizes.shape[0] != n:
-            raise ValueError(
-                f"client_sizes has {sizes.shape[0]} entries; the state has {n} clients"
-            )
+        n = sizes.shape[0]
+        rows = {np.shape(x)[0] for x in jax.tree.leaves(state.client_states)}
+        if rows - {n}:
+            raise ValueError(f"client_sizes has {n} entries; the state has {rows.pop()} clients")
         ids = sample_clients(
             config.seed, state.round, n, config.clients_per_round, config.client_fraction
         )
@@ -351,9 +437,14 @@ def run_round(
     for p, phase in enumerate(algorithm.phases):
         b = phase_batches(batches, state.round, phase, ids, n)
         args = (base, server, clients, ids, b, state.rng, round_idx, np.int32(p), sizes[ids])
-        d, u = comm_bytes(phase, config, *args)
+        if config.backend == "debug":  # eager: count the bytes actually sent
+            out = _phase_core(phase, config, n)(*args)
+            d, u = phase_bytes(out[5], out[6], phase.per_client_broadcast, bool(phase.aggregate))
+            server, clients, *on_device = out[:5]
+        else:
+            d, u = comm_bytes(algorithm, p, config, n, *args)
+            server, clients, *on_device = compiled_phase(algorithm, p, config, n)(*args)
         down, up = down + d, up + u
-        server, clients, *on_device = compiled_phase(phase, config)(*args)
         phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
         metrics.update(_host_metrics(phase, ids, phase_metrics, valid))
         metrics[f"{phase.name}/aggregated"] = bool(aggregated) if phase.aggregate else False
@@ -381,3 +472,16 @@ def run_round(
         }
     )
     return EngineState(server, clients, state.rng, state.round + 1), metrics
+
+
+def models(
+    algorithm: Algorithm,
+    state: EngineState,
+    num_clients: int,
+    config: EngineConfig = EngineConfig(),
+) -> Any:
+    """The algorithm's ``Models`` (global, personal, personal-is-global) for ``state``."""
+    n = 1 if algorithm.pooled_data else num_clients
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.round), SERVER_KEY)
+    info = RoundInfo(jnp.int32(state.round), key, config.rounds, n)
+    return algorithm.models(state.server_state, state.client_states, info)

@@ -133,3 +133,35 @@ class LlamaConfig:
             "attention_bias": False,
             "mlp_bias": False,
         }
+
+
+# The LLaMA model's adaptable linear modules (i = layer index): ``layers.<i>.attn.<name>`` and
+# ``layers.<i>.mlp.<name>``.
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+def linear_specs(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """Every adaptable linear module as ``{dotted path: (in_features, out_features)}``, in model
+    order (layer, then q, k, v, o, gate, up, down)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    dq, dkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {
+        "q_proj": (d, dq),
+        "k_proj": (d, dkv),
+        "v_proj": (d, dkv),
+        "o_proj": (dq, d),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
+    }
+    return {path: shapes[path.rsplit(".", 1)[1]] for path in module_paths(cfg.num_layers)}
+
+
+def module_paths(num_layers: int) -> list[str]:
+    """The adaptable linear modules' dotted paths, in model order."""
+    paths = []
+    for i in range(num_layers):
+        paths += [f"layers.{i}.attn.{m}" for m in ATTN_MODULES]
+        paths += [f"layers.{i}.mlp.{m}" for m in MLP_MODULES]
+    return paths

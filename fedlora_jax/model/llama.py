@@ -9,15 +9,13 @@ covers only some layers splits into a few scanned segments (no zero-filled fake 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import fedlora_jax.adapters  # noqa: F401  (importing the package registers the adapter kinds)
-from fedlora_jax.adapters.base import ATTN_MODULES, MLP_MODULES, AdapterConfig, get_kind
-from fedlora_jax.model.config import LlamaConfig
+from fedlora_jax.model.config import ATTN_MODULES, MLP_MODULES, LlamaConfig
 
 Array = jax.Array
 PyTree = Any
@@ -26,6 +24,13 @@ Cache = dict[str, Array]
 # Fixed module order: the index folded into the dropout key of each adapted linear.
 _MODULE_INDEX = {name: i for i, name in enumerate(ATTN_MODULES + MLP_MODULES)}
 _GROUP = {**{m: "attn" for m in ATTN_MODULES}, **{m: "mlp" for m in MLP_MODULES}}
+
+
+class AdapterSpec(Protocol):
+    """What the forward needs from an adapter config (``adapters.AdapterConfig``): the additive
+    output of one adapted linear. The model never imports the adapters."""
+
+    def apply(self, leaf: dict[str, Array], x: Array, key: Array | None) -> Array: ...
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -125,7 +130,7 @@ def _linear(
     w: Array,
     name: str,
     leaves: dict[str, Any],
-    adapter_cfg: AdapterConfig | None,
+    adapter_cfg: AdapterSpec | None,
     key: Array | None,
 ) -> Array:
     """``x @ W0`` plus the adapter's additive output when this module is adapted."""
@@ -134,7 +139,7 @@ def _linear(
     if leaf is None:
         return y
     mkey = None if key is None else jax.random.fold_in(key, _MODULE_INDEX[name])
-    return y + get_kind(adapter_cfg.kind).apply(leaf, x, adapter_cfg, mkey).astype(y.dtype)
+    return y + adapter_cfg.apply(leaf, x, mkey).astype(y.dtype)
 
 
 def _attend(q: Array, k: Array, v: Array, allowed: Array) -> Array:
@@ -158,7 +163,7 @@ def _layer(
     kv: tuple[Array, Array] | None,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None,
+    adapter_cfg: AdapterSpec | None,
     cos: Array,
     sin: Array,
     allowed: Array,
@@ -261,7 +266,7 @@ def _run_layers(
     cache_kv: tuple[Array, Array] | None,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None,
+    adapter_cfg: AdapterSpec | None,
     dropout_key: Array | None,
     remat: bool | str,
     **layer_kwargs: Any,
@@ -321,7 +326,7 @@ def hidden(
     attn_mask: Array,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None = None,
+    adapter_cfg: AdapterSpec | None = None,
     dropout_key: Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
     remat: bool | str = False,
@@ -353,7 +358,7 @@ def apply(
     attn_mask: Array,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None = None,
+    adapter_cfg: AdapterSpec | None = None,
     dropout_key: Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
     remat: bool | str = False,
@@ -405,7 +410,7 @@ def apply_with_cache(
     cache: Cache,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None = None,
+    adapter_cfg: AdapterSpec | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
 ) -> tuple[Array, Cache]:
     """Process a chunk [B, T] (a left-padded prompt, then one token per step) against the cache.

@@ -1,10 +1,12 @@
-"""Client-side training pieces shared by every algorithm.
+"""The client-training toolbox every algorithm uses: what a client trains with
+(``ClientTraining``), its loss, its optimizer routed by placement label, and the scan of client
+steps.
 
 An algorithm's ``client_update`` is typically::
 
     loss_fn = make_loss_fn(training)                      # once, in the builder
-    tx = make_optimizer(training, labels, phase_steps)    # labels: global / local / frozen
-    opt_state = opt_state_or_init(tx, params, client_state.get("opt_state"))
+    tx = make_optimizer(training, labels, phase_steps)    # labels: shared / personal / frozen
+    opt_state = opt_state_or_init(tx, params, stored_opt_state)
     params, opt_state, metrics = local_train(loss_fn, base, params, tx, opt_state, batches, key,
                                              labels)
 
@@ -14,25 +16,42 @@ Parameters are routed with ``optax.partition`` so a ``frozen`` leaf gets a zero 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-if TYPE_CHECKING:
-    from fedlora_jax.algorithms.base import ClientTraining
-
+from fedlora_jax.adapters.base import AdapterConfig
+from fedlora_jax.model.config import LlamaConfig
 
 PyTree = Any
 Array = jax.Array
 LossFn = Callable[[PyTree, PyTree, Mapping[str, Array], Array], tuple[Array, dict[str, Array]]]
 
-LABELS = ("global", "local", "frozen")
+LABELS = ("shared", "personal", "frozen")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZER_STATES = ("fresh", "persistent")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTraining:
+    """What every algorithm needs to train a client; algorithm-specific knobs are its Options."""
+
+    model: LlamaConfig
+    adapter: AdapterConfig
+    local_steps: int = 10  # client steps per round
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | linear (decay to 0 over the phase's steps) | cosine
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    optimizer_state: str = "fresh"  # fresh (new AdamW each round) | persistent (kept per client)
+    compute_dtype: str = "float32"  # float32 | bfloat16
+    remat: bool = False
 
 
 def validate_training(training: ClientTraining) -> None:
@@ -130,18 +149,18 @@ def make_optimizer(
     labels: PyTree | Callable[[PyTree], PyTree],
     steps: int,
     *,
-    local: ClientTraining | None = None,
-    local_steps: int | None = None,
+    personal: ClientTraining | None = None,
+    personal_steps: int | None = None,
 ) -> optax.GradientTransformation:
-    """Route each parameter by its label: ``global`` → AdamW(training), ``local`` →
-    AdamW(local or training), ``frozen`` → zero update.
+    """Route each parameter by its label: ``shared`` → AdamW(training), ``personal`` →
+    AdamW(personal or training), ``frozen`` → zero update.
 
     ``labels`` is a pytree of label strings matching the parameters, or a function params →
     labels. Clipping is per group, so frozen leaves never count in the clip norm.
     """
     transforms = {
-        "global": make_adamw(training, steps),
-        "local": make_adamw(local or training, local_steps or steps),
+        "shared": make_adamw(training, steps),
+        "personal": make_adamw(personal or training, personal_steps or steps),
         "frozen": optax.set_to_zero(),
     }
 
