@@ -205,8 +205,8 @@ def run_jax_cell(spec: dict[str, Any]) -> dict[str, Any]:
     alg = get("fedit")(training)
     k = spec["k"]
     state = E.init_state(alg, base, k, seed=spec["seed"])
-    init = adapters_from_npz(spec["init_adapters"], state.server_state["adapters"])
-    state = state._replace(server_state={"adapters": init})
+    init = adapters_from_npz(spec["init_adapters"], state.server_state.params)
+    state = state._replace(server_state=state.server_state.replace(params=init))
     config = E.EngineConfig(backend=spec["backend"], chunk_size=min(spec["chunk_size"], k))
     data = dict(np.load(spec["batches"]))
     sizes = np.asarray(spec["sizes"], np.float32)
@@ -217,7 +217,7 @@ def run_jax_cell(spec: dict[str, Any]) -> dict[str, Any]:
         jax.block_until_ready(new)
         box["state"], box["rounds"] = new, box["rounds"] + 1
         if box["rounds"] == 1 and spec.get("check_out"):
-            adapters_to_npz(jax.device_get(new.server_state["adapters"]), spec["check_out"])
+            adapters_to_npz(jax.device_get(new.server_state.params), spec["check_out"])
 
     gpu = platform_ == "gpu"
     timing = measure.time_rounds(

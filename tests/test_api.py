@@ -227,3 +227,91 @@ def test_options_are_hashable_and_key_the_compiled_phase(model):
     a, b = get("fedadam")(training, tau=1e-3), get("fedadam")(training, tau=0.001)
     assert a is not b and a.cache_key == b.cache_key
     assert get("fedadam")(training, tau=1e-2).cache_key != a.cache_key
+
+
+def test_server_owned_base_delta_is_applied_in_the_forward(model):
+    """A ``base_delta`` leaf (placement ``server``) adds x @ ΔW0 in every adapted linear: the
+    same logits as the base with W0 + ΔW0 written into it, and merge_into_base folds it in."""
+    from fedlora_jax.adapters import init_adapters, merge_into_base
+    from fedlora_jax.adapters.base import BASE_DELTA
+    from fedlora_jax.model.config import linear_specs
+    from fedlora_jax.model.llama import apply
+
+    cfg, base = model
+    adapter_cfg = AdapterConfig(r=2)
+    lora = init_adapters(jax.random.key(0), cfg, adapter_cfg)
+    rng = np.random.default_rng(0)
+    with_delta = jax.tree.map(lambda x: x, lora)
+    for i, layer in with_delta["layers"].items():
+        for name, leaf in layer["attn"].items():
+            shape = linear_specs(cfg)[f"layers.{i}.attn.{name}"]
+            leaf[BASE_DELTA] = jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.05)
+    tokens = jnp.asarray(make_batches()["tokens"][0, 0])
+    mask = jnp.ones_like(tokens)
+    kw = dict(cfg=cfg, adapter_cfg=adapter_cfg)
+    got = apply(base, with_delta, tokens, mask, **kw)
+    deltas_only = jax.tree.map(lambda x: x, with_delta)
+    moved = dict(base)
+    layers = {g: dict(v) if isinstance(v, dict) else v for g, v in base["layers"].items()}
+    for i, layer in deltas_only["layers"].items():
+        for name, leaf in layer["attn"].items():
+            w = layers["attn"][name]
+            layers["attn"][name] = w.at[int(i)].add(leaf[BASE_DELTA])
+    moved["layers"] = layers
+    want = apply(moved, lora, tokens, mask, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(got - apply(base, lora, tokens, mask, **kw)).max()) > 1e-3
+    merged = merge_into_base(base, with_delta, adapter_cfg)
+    np.testing.assert_allclose(apply(merged, None, tokens, mask, cfg=cfg), want, atol=1e-4)
+
+
+def test_control_variates_hook_follows_scaffold_option_2(model):
+    """The FedAvg family's SCAFFOLD hook (issue 13 registers the method): the client's new
+    variate is c_i − c + (x − y)/(E·lr), the upload carries its change, the server adds
+    Σ_valid Δc_i / N to c (numpy), and the correction c − c_i moves the client's steps."""
+    from fedlora_jax.algorithms.fedavg import all_shared, fedavg_family
+
+    cfg, base = model
+    training = training_for("fedit", cfg)
+    alg = fedavg_family("scaffold", training, all_shared(training), control_variates=True)
+    server, clients = alg.init(jax.random.PRNGKey(0), base, N)
+    phase = alg.phases[0]
+    rng = np.random.default_rng(0)
+    c = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), server.params)
+    server = server.replace(variate=c)
+    row = jax.tree.map(lambda x: x[1], clients)
+    batches = {k: v[1] for k, v in make_batches().items() if k != "poison"}
+    payload = phase.broadcast(server, jnp.array([1]), info())
+    upload, new_row, _ = phase.client_update(base, payload, row, batches, jax.random.key(1), info())
+    scale = 1.0 / (STEPS * training.lr)
+    f64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    want = jax.tree.map(
+        lambda ci, cc, x, y: ci - cc + (x - y) * scale,
+        f64(row.variate), f64(c), f64(server.params), f64(upload["params"]),
+    )  # fmt: skip
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 new_row.variate, want)  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, upload["variate"], new_row.variate)  # c_i was 0
+    plain = fedavg_family("fedit_like", training, all_shared(training))
+    p_server, p_clients = plain.init(jax.random.PRNGKey(0), base, N)
+    uncorrected = plain.phases[0].client_update(
+        base, plain.phases[0].broadcast(p_server, jnp.array([1]), info()),
+        jax.tree.map(lambda x: x[1], p_clients), batches, jax.random.key(1), info(),
+    )[0]  # fmt: skip
+    diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), upload["params"], uncorrected)
+    assert max(jax.tree.leaves(diffs)) > 0
+    # server: params = FedAvg of the uploaded params, c += Σ over valid clients of Δc_i / N
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x + 1.0, x - 2.0]), upload)
+    weights = jnp.array([1.0, 0.0, 3.0])  # client 2 excluded
+    new = phase.aggregate(server, stacked, weights, jnp.array([0, 2, 3]), info())
+    d = stacked["variate"]
+    jax.tree.map(
+        lambda got, c0, dv: np.testing.assert_allclose(
+            got, np.asarray(c0) + (np.asarray(dv[0]) + np.asarray(dv[2])) / N, rtol=1e-5, atol=1e-6
+        ),
+        new.variate, c, d,
+    )  # fmt: skip
+    mean = np_weighted_mean([jax.tree.map(lambda x, k=k: x[k], stacked["params"]) for k in (0, 2)],
+                            np.array([1.0, 3.0]))  # fmt: skip
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new.params, mean)  # fmt: skip

@@ -15,6 +15,10 @@ Hooks:
   client updates ``x_k − x`` before ``reduce`` (clipping, robust weighting, DP).
 - ``finalize(params, uploads, weights, info) -> params``: a server step after aggregation,
   e.g. folding a residual into a ``server``-placed base delta (FedEx-LoRA).
+- ``control_variates``: SCAFFOLD's server variate c and client variates c_i (option II, over the
+  shared leaves): clients step on ``g − c_i + c``, then ``c_i⁺ = c_i − c + (x − y) / (E·lr)``
+  and upload ``{"params": y, "variate": c_i⁺ − c_i}``; the server adds
+  ``Σ_valid (c_i⁺ − c_i) / N`` to c. Both variates are communicated and counted.
 
 With neither a server optimizer nor transforms the new global leaves are the reduced uploads
 themselves (the mean of models, bitwise as FedIT always computed it).
@@ -75,14 +79,17 @@ class ServerState:
     opt_state: PyTree
     agg_state: PyTree
     seen: Array
+    variate: Tree  # SCAFFOLD's c over the shared leaves ({} without control variates)
 
 
 @struct.dataclass
 class ClientState:
-    """Rows for N clients: personal leaves, and the optimizer state when persistent."""
+    """Rows for N clients: personal leaves, the optimizer state when persistent, SCAFFOLD's
+    c_i with control variates."""
 
     personal: Tree
     opt_state: PyTree
+    variate: Tree
 
 
 def leaf_keys(training: ClientTraining) -> tuple[str, ...]:
@@ -116,6 +123,7 @@ def fedavg_family(
     reduce: Reducer = weighted_mean,
     finalize: Callable[[Tree, Tree, Array, RoundInfo], Tree] | None = None,
     init_params: Callable[[Array], Tree] | None = None,
+    control_variates: bool = False,
     steps: int | None = None,
     pooled_data: bool = False,
 ) -> Algorithm:
@@ -149,15 +157,19 @@ def fedavg_family(
             opt_state=opt,
             agg_state=aggregation.init(global_shared),
             seen=jnp.zeros((n,), jnp.float32),
+            variate=jax.tree.map(jnp.zeros_like, global_shared) if control_variates else {},
         )
         own = replicate(select_placed(adapters, placement, "personal"), n) if personal else {}
         opt_rows = replicate(tx.init(trainable(adapters)), n) if persistent else {}
-        return server, ClientState(own, opt_rows)
+        variates = replicate(server.variate, n) if control_variates else {}
+        return server, ClientState(own, opt_rows, variates)
 
     def broadcast(server: ServerState, client_ids: Array, info: RoundInfo) -> dict[str, Any]:
         payload: dict[str, Any] = {"params": server.params}
         if frozen:
             payload["init_key"] = server.init_key
+        if control_variates:
+            payload["variate"] = server.variate
         return payload
 
     def client_update(base, payload, state: ClientState, batches, key, info):
@@ -174,19 +186,45 @@ def fedavg_family(
                 value = value + client_penalty(select_placed(params, placement, "shared"), received)
             return value, metrics
 
+        correct = None
+        if control_variates:
+            shift = jax.tree.map(jnp.subtract, payload["variate"], state.variate)  # c − c_i
+
+            def correct(grads):
+                return merge_trees(
+                    jax.tree.map(jnp.add, select_placed(grads, placement, "shared"), shift),
+                    select_placed(grads, placement, "personal"),
+                )
+
         opt_state = opt_state_or_init(tx, start, state.opt_state if persistent else None)
         params, opt_state, metrics = local_train(
-            loss, base, start, tx, opt_state, batches, key, labels
+            loss, base, start, tx, opt_state, batches, key, labels, correct
         )
+        upload = select_placed(params, placement, "shared")
+        variate = {}
+        if control_variates:
+            scale = 1.0 / (batches["tokens"].shape[0] * training.lr)
+            variate = jax.tree.map(
+                lambda ci, c, x, y: ci - c + (x - y) * scale,
+                state.variate, payload["variate"], received, upload,
+            )  # fmt: skip
+            upload = {"params": upload, "variate": _sub(variate, state.variate)}
         new_state = ClientState(
             select_placed(params, placement, "personal") if personal else {},
             opt_state if persistent else {},
+            variate,
         )
-        return select_placed(params, placement, "shared"), new_state, metrics
+        return upload, new_state, metrics
 
     def aggregate(server: ServerState, uploads, weights, client_ids, info) -> ServerState:
         old = select_placed(server.params, placement, "shared")
-        opt_state, agg_state = server.opt_state, server.agg_state
+        opt_state, agg_state, variate = server.opt_state, server.agg_state, server.variate
+        if control_variates:
+            uploads, dvar = uploads["params"], uploads["variate"]
+            took = (weights > 0).astype(jnp.float32)
+            variate = jax.tree.map(
+                lambda c, d: c + jnp.tensordot(took, d, axes=1) / info.num_clients, variate, dvar
+            )
         if not in_update_space:
             new = reduce(uploads, weights, info.key)
         else:
@@ -205,7 +243,9 @@ def fedavg_family(
         seen = server.seen.at[client_ids].set(
             jnp.where(weights > 0, weights, server.seen[client_ids])
         )
-        return server.replace(params=params, opt_state=opt_state, agg_state=agg_state, seen=seen)
+        return server.replace(
+            params=params, opt_state=opt_state, agg_state=agg_state, seen=seen, variate=variate
+        )
 
     def models(server: ServerState, clients: ClientState, info: RoundInfo) -> Models:
         common = merge_trees(server.params, fixed_leaves(server.init_key) if frozen else {})

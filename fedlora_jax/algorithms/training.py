@@ -202,11 +202,13 @@ def local_train(
     batches: Mapping[str, Array],
     key: Array,
     labels: PyTree | Callable[[PyTree], PyTree] | None = None,
+    grad_correction: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[PyTree, PyTree, dict[str, Array]]:
     """Run ``steps`` optimizer steps as one ``lax.scan`` (batches leaves are [steps, batch, seq]).
 
-    Metrics: mean / first / last loss over the steps and the mean trainable gradient norm
-    (before clipping). Step s uses dropout key ``fold_in(key, s)``.
+    ``grad_correction`` maps each step's gradients before the optimizer (SCAFFOLD's
+    ``g − c_i + c``). Metrics: mean / first / last loss over the steps and the mean trainable
+    gradient norm (before clipping and correction). Step s uses dropout key ``fold_in(key, s)``.
     """
     label_tree = labels(params) if callable(labels) else labels
     steps = jax.tree.leaves(batches)[0].shape[0]
@@ -216,7 +218,8 @@ def local_train(
         p, s = carry
         batch, i = xs
         (loss, _), grads = grad_fn(base, p, batch, jax.random.fold_in(key, i))
-        updates, s = tx.update(grads, s, p)
+        used = grads if grad_correction is None else grad_correction(grads)
+        updates, s = tx.update(used, s, p)
         return (optax.apply_updates(p, updates), s), (loss, trainable_norm(grads, label_tree))
 
     (params, opt_state), (losses, norms) = jax.lax.scan(

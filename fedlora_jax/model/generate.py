@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax.adapters.base import AdapterConfig
 from fedlora_jax.model.config import LlamaConfig
-from fedlora_jax.model.llama import apply_with_cache, init_cache
+from fedlora_jax.model.llama import AdapterSpec, apply_with_cache, init_cache
 
 Array = jax.Array
 PyTree = Any
@@ -85,7 +84,7 @@ def _generate_core(
     key: Array,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None,
+    adapter_cfg: AdapterSpec | None,
     max_new_tokens: int,
     eos_ids: tuple[int, ...],
     temperature: float,
@@ -177,7 +176,7 @@ def generate(
     prompt_mask: Array,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None = None,
+    adapter_cfg: AdapterSpec | None = None,
     max_new_tokens: int,
     eos_ids: Sequence[int] | None = None,
     temperature: float = 0.0,
