@@ -113,7 +113,7 @@ def test_real_round_obeys_the_placement_spec(name, model):
         del b["poison"]
     state, metrics = E.run_round(alg, state0, base, batches, SIZES, CONFIG)
     assert metrics["clients"] == ids.tolist()
-    after = E.models(alg, state, N, CONFIG)
+    after = jax.tree.map(np.asarray, E.models(alg, state, N, CONFIG))
     placement = alg.phases[0].placement
     if alg.phases[0].aggregate is not None:
         mean = np_weighted_mean(uploads, SIZES[ids])
@@ -122,7 +122,8 @@ def test_real_round_obeys_the_placement_spec(name, model):
             got = server
             for part in path:
                 got = got[part.key]
-            np.testing.assert_allclose(got, x, rtol=1e-5, atol=1e-6, err_msg=str(path))
+            # one jitted client at a time vs the engine's vmap: float tolerance
+            np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-5, err_msg=str(path))
     ref_before = before.personal if before.personal is not None else before.global_
     ref_after = after.personal if after.personal is not None else after.global_
     flat_b = dict(jax.tree_util.tree_leaves_with_path(ref_before))
