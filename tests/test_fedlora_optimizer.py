@@ -346,6 +346,7 @@ def test_paper_literal_final_local_phase(model, training):
     state = E.init_state(alg, base, N, seed=0)
     with pytest.raises(ValueError, match="needs the run length: set EngineConfig.rounds"):
         E.run_round(alg, state, base, round_batches(0, 1), SIZES, CONFIG)
+    state = E.init_state(alg, base, N, seed=0)  # the failed round consumed (donated) the state
     config = dataclasses.replace(CONFIG, rounds=2)
     server0 = jax.tree.map(np.array, state.server_state)
     state, m1 = E.run_round(alg, state, base, round_batches(0, 1), SIZES, config)
