@@ -163,7 +163,9 @@ def test_sync_ajive_aggregate(model, training, by_hand):
     alg = _build(training, sync="ajive", threshold=0.75)
     server0, _ = alg.init(jax.random.key(0), base, K)
     uploads = _stacked(by_hand)
-    server = jax.jit(alg.phases[0].aggregate)(server0, uploads, jnp.asarray(SIZES), jnp.arange(K))
+    info = RoundInfo(jnp.int32(0), jax.random.key(0), None, K)
+    aggregate = jax.jit(alg.phases[0].aggregate)
+    server = aggregate(server0, uploads, jnp.asarray(SIZES), jnp.arange(K), info)
     _check_shared(server, {**uploads, "hand": by_hand}, "ajive")
 
 
