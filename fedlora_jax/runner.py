@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 from fedlora_jax import algorithms
 from fedlora_jax import config as config_lib
 from fedlora_jax.adapters.base import AdapterConfig
-from fedlora_jax.algorithms.base import Algorithm, OptionsError, Phase
+from fedlora_jax.algorithms.base import Algorithm, OptionsError, Phase, reads_run_length
 from fedlora_jax.algorithms.training import ClientTraining
 from fedlora_jax.checkpoint import Checkpointer
 from fedlora_jax.config import ConfigError
@@ -504,10 +504,14 @@ def _prepare_run_dir(run_dir: pathlib.Path, cfg: ConfigDict, resume: bool) -> No
 
 
 def _resumable(cfg: ConfigDict) -> tuple[str, ...]:
-    """``RESUMABLE_CHANGES`` less federated.rounds when the algorithm's builder derives its
-    schedule from the run length (FedLoRA-Optimizer's ``local_phase=final``)."""
-    takes_rounds = "rounds" in inspect.signature(algorithms.get(cfg.algorithm.name)).parameters
-    if takes_rounds and "rounds" not in cfg.algorithm.options:
+    """``RESUMABLE_CHANGES`` less federated.rounds when the algorithm's schedule reads the run
+    length (its Options say so: FedLoRA-Optimizer's ``local_phase=final``)."""
+    options = cfg.algorithm.options.to_dict()
+    try:
+        reads = reads_run_length(cfg.algorithm.name, options)
+    except OptionsError as e:
+        raise ConfigError(str(e)) from None
+    if reads:
         return tuple(k for k in RESUMABLE_CHANGES if k != "federated.rounds")
     return RESUMABLE_CHANGES
 

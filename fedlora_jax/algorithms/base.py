@@ -275,6 +275,14 @@ def get(name: str) -> Registered:
     return _REGISTRY[name]
 
 
+def reads_run_length(name: str, options: Mapping[str, Any]) -> bool:
+    """Whether the algorithm's schedule depends on ``RoundInfo.total_rounds`` (its Options'
+    ``reads_run_length``), so a resumed run may not change the number of rounds."""
+    registered = get(name)
+    parsed = parse_options(name, registered.options, options)
+    return bool(getattr(parsed, "reads_run_length", False))
+
+
 def names() -> list[str]:
     from fedlora_jax import algorithms as _pkg  # noqa: F401
 

@@ -124,6 +124,11 @@ class FedLoRAOptimizerOptions:
                 f"{trained} (a frozen component is identical on every client)"
             )
 
+    @property
+    def reads_run_length(self) -> bool:
+        """``local_phase="final"`` trains the personal phase only in the last round."""
+        return self.local_phase == "final"
+
     def trained(self) -> tuple[str, ...]:
         return _components("global_train", self.global_train, VARIANTS[self.variant])
 

@@ -204,7 +204,7 @@ def generate_stacked(
     prompt_mask: Array,
     *,
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None = None,
+    adapter_cfg: AdapterSpec | None = None,
     max_new_tokens: int,
     eos_ids: Sequence[int] | None = None,
     temperature: float = 0.0,
@@ -232,7 +232,7 @@ def _checked(base: PyTree, adapters: PyTree, tokens: Any, mask: Any, key: Array 
 
 def _static(
     cfg: LlamaConfig,
-    adapter_cfg: AdapterConfig | None,
+    adapter_cfg: AdapterSpec | None,
     max_new_tokens: int,
     eos_ids: Sequence[int] | None,
     temperature: float,
