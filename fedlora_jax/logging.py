@@ -101,7 +101,8 @@ def round_line(round_: int, rounds: int, metrics: Mapping[str, float]) -> str:
         parts.append(f"train loss {train[0][1]:.4f}")
     glob = _pick(metrics, "global/rouge_l", "global/loss")
     if glob:
-        parts.append("global " + " ".join(f"{n.split('/')[-1]} {v:.4f}" for n, v in glob))
+        label = metrics.get("global/label", "global")
+        parts.append(label + " " + " ".join(f"{n.split('/')[-1]} {v:.4f}" for n, v in glob))
     loc = _pick(metrics, "local/rouge_l/mean", "local/rouge_l/worst", "local/loss/mean")
     if loc:
         parts.append(

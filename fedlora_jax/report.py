@@ -42,6 +42,7 @@ ROUND_COLUMNS: tuple[tuple[str, str], ...] = (
     ("local/rouge_l/mean", "local ROUGE-L mean"),
     ("local/rouge_l/worst", "local ROUGE-L worst"),
     ("local/loss/mean", "local loss mean"),
+    ("gain/loss/mean", "loss gain mean (personal − global)"),
     ("comm/up_bytes_per_client", "up bytes/client"),
     ("comm/down_bytes_per_client", "down bytes/client"),
     ("time/round_s", "round s"),
@@ -54,6 +55,8 @@ COMPARED: tuple[tuple[str, str], ...] = (
     ("local/summary/rouge_l/mean", "local ROUGE-L mean"),
     ("local/summary/rouge_l/worst", "local ROUGE-L worst"),
     ("local/summary/loss/mean", "local loss mean"),
+    ("personal_gain/summary/loss/mean", "loss gain mean"),
+    ("personal_gain/summary/loss/share_gain", "share of clients that gain (loss)"),
 )
 
 
@@ -83,7 +86,12 @@ def _excluded_cell(row: Mapping[str, Any]) -> str:
 def round_table(history: Sequence[Mapping[str, Any]]) -> list[str]:
     """Markdown lines: one row per round, only the columns some round has (a metric that was
     not finite is an empty cell); an ``excluded clients`` column when some round excluded any."""
-    cols = [(k, label) for k, label in ROUND_COLUMNS if any(k in row for row in history)]
+    glabel = next((r["global/label"] for r in history if "global/label" in r), "global")
+    cols = [
+        (k, label.replace("global", glabel, 1) if k.startswith("global/") else label)
+        for k, label in ROUND_COLUMNS
+        if any(k in row for row in history)
+    ]
     rows = [[row["round"], *(row.get(k) for k, _ in cols)] for row in history]
     header = ["round", *(label for _, label in cols)]
     if any(excluded_clients(row) for row in history):
@@ -203,6 +211,10 @@ def _get(d: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def _final(run_dir: pathlib.Path) -> dict[str, Any]:
+    return _read_json(run_dir / FINAL_EVAL_FILE) or {}
+
+
 def compare(
     run_dirs: Sequence[str | pathlib.Path],
     out_dir: str | pathlib.Path,
@@ -227,15 +239,22 @@ def compare(
 
     rows = []
     for name, dirs in groups.items():
-        finals = [flatten(_read_json(d / FINAL_EVAL_FILE) or {}) for d in dirs]
-        cells: list[Any] = [name, len(dirs)]
+        finals = [flatten(_final(d)) for d in dirs]
+        labels = {_get(f, "global.label") for f in map(_final, dirs)} - {None, "global"}
+        cells: list[Any] = [name + "".join(f" — {lb}" for lb in sorted(labels)), len(dirs)]
         for key, _ in COMPARED:
             vals = np.array([f[key] for f in finals if key in f], dtype=np.float64)
             cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}" if vals.size else "")
         rows.append(cells)
     lines = [f"# Comparison by {group_by}", ""]
     lines += _table([group_by, "runs", *(label for _, label in COMPARED)], rows)
-    lines += ["", "mean ± std (ddof=0) over the runs of each group.", ""]
+    lines += [
+        "",
+        "mean ± std (ddof=0) over the runs of each group; a label after a name says what its "
+        "global model is when the protocol never produces one (evaluation only). Gain = personal "
+        "− global on each client's test rows.",
+        "",
+    ]
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot_groups(groups, out_dir / "comparison.png")
     lines += ["![comparison](comparison.png)", ""]

@@ -395,12 +395,16 @@ def round_metrics(algorithm: Algorithm, metrics: Mapping[str, Any]) -> dict[str,
 
 
 def eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """``global/<metric>`` and ``local/<metric>/<mean|weighted_mean|worst|std>``."""
-    row: dict[str, float] = {}
+    """``global/<metric>``, ``global/label``, ``local/<metric>/<mean|weighted_mean|worst|std>``
+    and ``gain/<loss|rouge_l>/<mean|std|min|max|share_gain>`` (personalisation gain)."""
+    row: dict[str, Any] = {}
     if report.get("global"):
         row.update(flatten(report["global"]["metrics"], "global"))
+        row["global/label"] = report["global"].get("label", "global")
     if report.get("local"):
         row.update(flatten(report["local"]["summary"], "local"))
+    if report.get("personal_gain"):
+        row.update(flatten(report["personal_gain"]["summary"], "gain"))
     return row
 
 
@@ -416,6 +420,7 @@ def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[st
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         compute_dtype=jnp.dtype(cfg.model.compute_dtype),
         client_weights={i: float(s) for i, s in enumerate(sizes)},
+        global_label=models.global_label,
     )  # fmt: skip
 
 

@@ -40,11 +40,14 @@ class OptionsError(ValueError):
 class Models:
     """The models a state defines: ``global_`` adapters (None: no global model) and
     ``personal`` adapters with a leading client axis N. ``personal_is_global`` says every
-    client's personal model is the global one (``personal`` is then None)."""
+    client's personal model is the global one (``personal`` is then None). ``global_label``
+    names the global model wherever it is printed: "global" for a model the protocol produces,
+    a description ending in "evaluation only" for a construct it never does (FedSA-LoRA's)."""
 
     global_: PyTree | None
     personal: PyTree | None
     personal_is_global: bool = struct.field(pytree_node=False, default=False)
+    global_label: str = struct.field(pytree_node=False, default="global")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -247,6 +247,10 @@ def fedavg_family(
             params=params, opt_state=opt_state, agg_state=agg_state, seen=seen, variate=variate
         )
 
+    construct_label = (
+        f"global ({' + '.join(shared)} + mean {' + mean '.join(personal)}; evaluation only)"
+    )
+
     def models(server: ServerState, clients: ClientState, info: RoundInfo) -> Models:
         common = merge_trees(server.params, fixed_leaves(server.init_key) if frozen else {})
         if not personal:
@@ -258,7 +262,8 @@ def fedavg_family(
         # An evaluation construct (the protocol never uploads personal leaves): the shared
         # leaves plus the latest-weight mean of the personal ones (uniform before any round).
         w = jnp.where(jnp.sum(server.seen) > 0, server.seen, jnp.ones_like(server.seen))
-        return Models(merge_trees(common, weighted_mean(clients.personal, w)), own)
+        mean = merge_trees(common, weighted_mean(clients.personal, w))
+        return Models(mean, own, global_label=construct_label)
 
     phase = Phase(
         "train", steps, broadcast, client_update, aggregate if shared else None, dict(placement)

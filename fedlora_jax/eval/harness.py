@@ -309,6 +309,7 @@ def evaluate(
     compute_dtype: Any = jnp.float32,
     client_weights: Mapping[int, float] | None = None,
     return_predictions: bool = False,
+    global_label: str = "global",
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, list[dict[str, Any]] | None]]:
     """The global/local report (see ``report.build_report``) for one round's models.
 
@@ -320,7 +321,8 @@ def evaluate(
     ``global_adapters`` to evaluate the base model.
     ``eos_ids`` defaults to ``cfg.eos_ids``; ``pad_id`` to ``cfg.pad_token_id``, else the first
     EOS id (pads are masked out either way). With ``return_predictions`` also returns the decoded
-    generations per section.
+    generations per section. The personalisation gain needs no extra pass: the global section's
+    rows of client i are exactly client i's split. ``global_label``: ``Models.global_label``.
     """
     if global_adapters is None and personal_adapters is None:
         raise ValueError("evaluate: both global_adapters and personal_adapters are None")
@@ -379,7 +381,11 @@ def evaluate(
     else:
         (local_scores, local_preds), local_adapter = done["personal"], "personal"
     report = build_report(
-        global_scores, local_scores, local_adapter=local_adapter, client_weights=client_weights
+        global_scores,
+        local_scores,
+        local_adapter=local_adapter,
+        client_weights=client_weights,
+        global_label=global_label,
     )
     if not return_predictions:
         return report

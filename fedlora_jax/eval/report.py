@@ -5,6 +5,10 @@ equally (loss: every response token weighted equally).
 *Local*: each client's personal adapter on its own test split, summarised over clients as the
 plain mean, the data-weighted mean (weights: the clients' test-example counts unless given), the
 worst client and the population std (ddof=0) — the spread a user of a random client sees.
+*Personalisation gain*: per client, the local (personal) score minus the global model's score on
+the SAME test rows (the global section scores the union of the splits, so client i's rows of it
+are exactly its split), and its spread over clients. Loss is primary; a negative loss gain and a
+positive ROUGE-L gain mean the personal model is better.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ METRICS: dict[str, bool] = {
     "loss": False,
     "perplexity": False,
 }
+GAIN_METRICS = ("loss", "rouge_l")  # personalisation gain: loss primary, ROUGE-L secondary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,26 +91,70 @@ def across_clients(
     return out
 
 
+def personal_gain(
+    global_scores: Sequence[ExampleScore], local_scores: Sequence[ExampleScore], local_adapter: str
+) -> dict[str, Any]:
+    """Per client ``personal − global`` of each of ``GAIN_METRICS`` on the client's own rows, and
+    over clients: mean, std (ddof=0), min, max and ``share_gain`` (the share of clients whose
+    personal model is strictly better). When the personal model is the global one
+    (``local_adapter == "global"``) every gain is exactly 0 and nothing is recomputed."""
+    mine = _by_key(local_scores, "client_id")
+    if local_adapter == "global":
+        per_client = {cid: dict.fromkeys(GAIN_METRICS, 0.0) for cid in mine}
+    else:
+        theirs = _by_key(global_scores, "client_id")
+        per_client = {}
+        for cid, rows in mine.items():
+            other = theirs.get(cid, [])
+            if len(other) != len(rows):
+                raise ValueError(
+                    f"personal gain: client {cid} has {len(rows)} personal rows but {len(other)} "
+                    "global rows; the gain needs the same rows"
+                )
+            p, g = summarise(rows), summarise(other)
+            per_client[cid] = {n: p[n] - g[n] for n in GAIN_METRICS}
+    summary = {}
+    for name in GAIN_METRICS:
+        v = np.array([per_client[c][name] for c in sorted(per_client)], dtype=np.float64)
+        better = v < 0 if not METRICS[name] else v > 0
+        summary[name] = {
+            "mean": float(v.mean()),
+            "std": float(v.std()),
+            "min": float(v.min()),
+            "max": float(v.max()),
+            "share_gain": float(better.mean()),
+        }
+    return {
+        "definition": "personal − global on each client's test rows (loss: < 0 = personal better)",
+        "personal_is_global": local_adapter == "global",
+        "summary": summary,
+        "per_client": per_client,
+    }
+
+
 def build_report(
     global_scores: Sequence[ExampleScore] | None,
     local_scores: Sequence[ExampleScore] | None,
     *,
     local_adapter: str = "personal",
     client_weights: Mapping[int, float] | None = None,
+    global_label: str = "global",
 ) -> dict[str, Any]:
-    """The report as a plain (JSON-ready) dict with sections ``global`` and ``local``.
+    """The report as a plain (JSON-ready) dict with sections ``global``, ``local`` and
+    ``personal_gain`` (None unless both others exist).
 
     A section is None when its scores are None (Local-only has no global model). ``local_adapter``
     records which adapter produced the local scores: "personal", or "global" when the method has
     no personal model (FedIT, Centralised) and the global adapter was scored per client.
     ``client_weights`` (e.g. train-set sizes) override the test-example counts in the weighted
-    mean.
+    mean. ``global_label`` (``Models.global_label``) names the global model in every printout.
     """
     if local_adapter not in ("personal", "global"):
         raise ValueError(f"local_adapter={local_adapter!r}; allowed: personal, global")
-    report: dict[str, Any] = {"global": None, "local": None}
+    report: dict[str, Any] = {"global": None, "local": None, "personal_gain": None}
     if global_scores is not None:
         report["global"] = {
+            "label": global_label,
             "metrics": summarise(global_scores),
             "n_clients": len({s.client_id for s in global_scores}),
             "by_category": by_category(global_scores),
@@ -122,6 +171,8 @@ def build_report(
             "per_client": per_client,
             "by_category": by_category(local_scores),
         }
+    if global_scores is not None and local_scores is not None:
+        report["personal_gain"] = personal_gain(global_scores, local_scores, local_adapter)
     return report
 
 
@@ -135,14 +186,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def gain_table(gain: Mapping[str, Any], global_label: str = "global") -> list[str]:
+    """Markdown lines: the personalisation gain's spread over clients, then per client."""
+    head = f"Personalisation gain = personal − {global_label}, same test rows per client"
+    if gain["personal_is_global"]:
+        head += " (the personal model is the global one: exactly 0, not recomputed)"
+    stats = ("mean", "std", "min", "max", "share_gain")
+    rows = [[n, *(_fmt(gain["summary"][n][s]) for s in stats)] for n in GAIN_METRICS]
+    lines = [head + "; loss < 0 / ROUGE-L > 0 = personal better:", ""]
+    lines += _table(["gain", *stats], rows)
+    per = [[str(c), *(_fmt(g[n]) for n in GAIN_METRICS)] for c, g in gain["per_client"].items()]
+    return [*lines, "", *_table(["client", *(f"{n} gain" for n in GAIN_METRICS)], per)]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """Markdown tables: summary (global and local statistics), per category, per client."""
     names = list(METRICS)
     header = ["model", *names]
     rows: list[list[str]] = []
     glob, loc = report.get("global"), report.get("local")
+    glabel = glob.get("label", "global") if glob is not None else "global"
     if glob is not None:
-        rows.append(["global", *(_fmt(glob["metrics"][n]) for n in names)])
+        rows.append([glabel, *(_fmt(glob["metrics"][n]) for n in names)])
     if loc is not None:
         label = f"local ({loc['adapter']} adapter)"
         for stat in ("mean", "weighted_mean", "worst", "std"):
@@ -150,8 +215,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if not rows:
         return "_no evaluation results_\n"
     lines = _table(header, rows)
+    gain = report.get("personal_gain")
+    if gain is not None:
+        lines += ["", *gain_table(gain, glabel)]
 
-    sections = [(tag, sec["by_category"]) for tag, sec in (("global", glob), ("local", loc)) if sec]
+    sections = [(tag, sec["by_category"]) for tag, sec in ((glabel, glob), ("local", loc)) if sec]
     cats = sorted({c for _, per_cat in sections for c in per_cat})
     cat_header = ["category"] + [f"{tag} {n}" for tag, _ in sections for n in ("rouge_l", "loss")]
     cat_rows = []
