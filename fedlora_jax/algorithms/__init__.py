@@ -5,16 +5,22 @@ To add a built-in algorithm, add its module to the import list below (one name p
 
 from fedlora_jax.algorithms import (  # noqa: F401 (imports register the builders)
     centralized,
+    ditto,
+    fedadagrad,
     fedadam,
     fedalt,
     fedavgm,
+    fedex_lora,
     fedgalore,
     fedit,
     fedlora_optimizer,
     fedprox,
     fedsa_lora,
+    fedyogi,
     ffa_lora,
+    flora,
     local_only,
+    scaffold,
 )
 from fedlora_jax.algorithms.base import (
     Algorithm,
