@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("layer", "dots_saveable"),
-    "federated.backend": ("vmap", "chunked", "shard_map"),
+    "federated.backend": ("vmap", "chunked", "shard_map", "mesh"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.optimizer_state": ("fresh", "persistent"),
     "run.on_no_valid_client": ("error", "stop", "continue"),
@@ -132,6 +132,7 @@ def base_config() -> ConfigDict:
             "batch_size": 4,
             "backend": "vmap",
             "chunk_size": 2,  # clients per lax.map step for the chunked backend
+            "mesh": "",  # backend mesh: e.g. "clients=2,fsdp=4" (docs/scaling.md)
             "packing": True,  # several examples per row (data.batches.packed_round_batches)
         }
     )

@@ -133,6 +133,7 @@ def engine_config(cfg: ConfigDict) -> EngineConfig:
     return EngineConfig(
         backend=f.backend,
         chunk_size=f.chunk_size,
+        mesh=f.mesh,
         clients_per_round=f.clients_per_round or None,
         client_fraction=f.client_fraction or None,
         seed=cfg.run.seed,

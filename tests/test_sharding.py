@@ -52,7 +52,7 @@ def _shapes(cfg: LlamaConfig = CFG, dtype: str = "float32") -> dict:
 def test_default_rules_split_every_large_leaf():
     specs = leaf_paths(partition_specs(_shapes(), {"clients": 2, "fsdp": 4}))
     assert specs == {
-        "embed": P("fsdp", None),
+        "embed": P(None, "fsdp"),
         "lm_head": P("fsdp", None),
         "layers/attn/q_proj": P(None, "fsdp", None),
         "layers/attn/k_proj": P(None, "fsdp", None),
@@ -71,7 +71,7 @@ def test_tensor_axis_is_used_when_the_mesh_has_it():
     specs = leaf_paths(partition_specs(_shapes(), {"fsdp": 2, "tensor": 4}))
     assert specs["layers/attn/q_proj"] == P(None, "fsdp", "tensor")
     assert specs["layers/mlp/down_proj"] == P(None, "tensor", "fsdp")
-    assert specs["embed"] == P("fsdp", "tensor")
+    assert specs["embed"] == P("tensor", "fsdp")
 
 
 def test_leaf_without_rule_is_named():
@@ -90,7 +90,7 @@ def test_large_leaf_is_not_replicated_silently():
 
 
 def test_indivisible_dim_and_wrong_rank_are_errors():
-    with pytest.raises(ShardingError, match="'embed'.*size 4096 does not divide.*3 ways"):
+    with pytest.raises(ShardingError, match="'embed'.*size 64 does not divide.*3 ways"):
         partition_specs(_shapes(), {"fsdp": 3})
     rules = ((r"norm", (None, None)),) + DEFAULT_RULES
     with pytest.raises(ShardingError, match="2 axes.*'norm' has 1 dims"):

@@ -80,6 +80,7 @@ def make_loss_fn(training: ClientTraining) -> LossFn:
     The key drives adapter dropout only when ``training.adapter.dropout > 0``. A batch without a
     single loss token gives loss 0 (not NaN) so such a step is a no-op rather than a poison pill.
     """
+    from fedlora_jax.federated.distributed import shard_batch_rows
     from fedlora_jax.model.llama import hidden
     from fedlora_jax.model.loss import lm_loss_from_hidden
 
@@ -101,6 +102,7 @@ def make_loss_fn(training: ClientTraining) -> LossFn:
             compute_dtype=dtype,
             remat=training.remat,
         )
+        h = shard_batch_rows(h)  # mesh backend: keep the batch split over fsdp (identity off it)
         nll, n_tokens = lm_loss_from_hidden(
             base, h, batch["tokens"], batch["loss_mask"], cfg=training.model
         )

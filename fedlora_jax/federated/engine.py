@@ -18,6 +18,7 @@ The engine is typed against the small Protocols below; ``algorithms.base`` imple
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from fedlora_jax.federated import distributed
 from fedlora_jax.federated.comm import phase_bytes
 from fedlora_jax.federated.context import RoundInfo
 from fedlora_jax.federated.sampling import sample_clients
@@ -39,7 +41,7 @@ Array = jax.Array
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("vmap", "chunked", "shard_map", "debug")
+BACKENDS = ("vmap", "chunked", "shard_map", "mesh", "debug")
 MESH_AXIS = "clients"
 SERVER_KEY = 0x7FFFFFFF  # folded into the phase key for the server (client ids are < N)
 
@@ -81,7 +83,8 @@ Batches = BatchesFn | Mapping[str, Any]
 class EngineConfig:
     """How rounds run. Sampling: ``clients_per_round`` or ``client_fraction`` (all when neither)."""
 
-    backend: str = "vmap"  # vmap | chunked | shard_map | debug (no jit, one client at a time)
+    backend: str = "vmap"  # vmap | chunked | shard_map | mesh | debug (no jit, one at a time)
+    mesh: str = ""  # backend mesh: "clients=2,fsdp=4[,tensor=1]" (docs/scaling.md)
     chunk_size: int = 1  # chunked: clients vmapped together inside lax.map
     clients_per_round: int | None = None
     client_fraction: float | None = None
@@ -96,6 +99,13 @@ class EngineConfig:
             )
         if self.chunk_size < 1:
             raise ValueError(f"federated.chunk_size={self.chunk_size} must be >= 1")
+        if (self.backend == "mesh") != bool(self.mesh):
+            raise ValueError(
+                f"federated.mesh={self.mesh!r} with federated.backend={self.backend!r}: the mesh "
+                "backend needs a mesh (e.g. 'clients=2,fsdp=4') and only it takes one"
+            )
+        if self.mesh:
+            distributed.parse_mesh(self.mesh)
 
 
 class EngineState(NamedTuple):
@@ -199,6 +209,11 @@ def map_clients(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
         return _debug_clients(phase)
     if config.backend == "vmap":
         return lambda *args: vmapped(*args[:6])
+    if config.backend == "mesh":  # GSPMD: the vmapped client axis is the mesh's clients axis
+        mesh = distributed.mesh_of(config.mesh)
+        axis = distributed.CLIENTS if distributed.CLIENTS in mesh.shape else None
+        over = jax.vmap(update, in_axes=(None, payload_axis, 0, 0, 0, None), spmd_axis_name=axis)
+        return lambda *args: over(*args[:6])
     if config.backend == "chunked":
 
         def chunked(base, payload, states, batches, keys, info, ids):
@@ -317,7 +332,13 @@ def compiled_phase(
         core = _phase_core(algorithm.phases[p], config, num_clients)
 
         def step(*args: Any) -> tuple:
-            return core(*args)[:5]  # payload and uploads stay on device, unreturned
+            out = core(*args)[:5]  # payload and uploads stay on device, unreturned
+            if config.backend != "mesh":
+                return out
+            server, clients, rest = distributed.constrain_outputs(
+                distributed.mesh_of(config.mesh), out[0], out[1], out[2:]
+            )
+            return (server, clients, *rest)
 
         _COMPILED[key] = jax.jit(step, donate_argnums=(1, 2) if config.donate else ())
     return _COMPILED[key]
@@ -342,11 +363,19 @@ def comm_bytes(
     key = (_cache_key(algorithm, p), config, num_clients, _signature(*args))
     if key not in _COMM_CACHE:
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
-        out = jax.eval_shape(_phase_core(phase, config, num_clients), *shapes)
+        with _mesh_context(config):
+            out = jax.eval_shape(_phase_core(phase, config, num_clients), *shapes)
         _COMM_CACHE[key] = phase_bytes(
             out[5], out[6], phase.per_client_broadcast, phase.aggregate is not None
         )
     return _COMM_CACHE[key]
+
+
+def _mesh_context(config: EngineConfig) -> Any:
+    """The mesh backend traces under its mesh (``distributed.shard_batch_rows`` reads it)."""
+    if config.backend != "mesh":
+        return contextlib.nullcontext()
+    return jax.set_mesh(distributed.mesh_of(config.mesh))
 
 
 # ----------------------------------------------------------------------------- the round
@@ -433,9 +462,20 @@ def run_round(
     metrics: dict[str, Any] = {"round": state.round, "clients": ids.tolist()}
     down = up = 0
     server, clients = state.server_state, state.client_states
+    if config.backend == "mesh":
+        mesh = distributed.mesh_of(config.mesh)
+        base = distributed.place_base(mesh, base)
+        server, clients = distributed.place_state(mesh, server, clients)
     round_idx = np.int32(state.round)
     for p, phase in enumerate(algorithm.phases):
-        b = phase_batches(batches, state.round, phase, ids, n)
+        if config.backend == "mesh":  # this process prepares only the rows its devices hold
+            b = distributed.client_batches(
+                mesh,
+                len(ids),
+                lambda rows, phase=phase: phase_batches(batches, state.round, phase, ids[rows], n),
+            )
+        else:
+            b = phase_batches(batches, state.round, phase, ids, n)
         args = (base, server, clients, ids, b, state.rng, round_idx, np.int32(p), sizes[ids])
         if config.backend == "debug":  # eager: count the bytes actually sent
             out = _phase_core(phase, config, n)(*args)
@@ -443,7 +483,8 @@ def run_round(
             server, clients, *on_device = out[:5]
         else:
             d, u = comm_bytes(algorithm, p, config, n, *args)
-            server, clients, *on_device = compiled_phase(algorithm, p, config, n)(*args)
+            with _mesh_context(config):
+                server, clients, *on_device = compiled_phase(algorithm, p, config, n)(*args)
         down, up = down + d, up + u
         phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
         metrics.update(_host_metrics(phase, ids, phase_metrics, valid))

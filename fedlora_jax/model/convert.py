@@ -173,30 +173,33 @@ def _fill_layer(stack: np.ndarray, i: int, x: np.ndarray, transpose: bool) -> No
     np.copyto(_bits(stack[i]), _bits(x).T if transpose else _bits(x))
 
 
-def check_source(cfg: LlamaConfig, src: _Source) -> None:
-    """Every tensor the config needs is present with its shape, and nothing unexpected is."""
+def check_param(cfg: LlamaConfig, src: _Source, p: _Param) -> list[str]:
+    """The HF tensor names of one base leaf, each present with the shape the config implies."""
     present = src.names()
-    used: set[str] = set()
-    for p in param_specs(cfg):
-        names = p.names(cfg.num_layers)
-        missing = [n for n in names if n not in present]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise MissingTensorError(
-                f"{src.where}: tensor {missing[0]!r}{more} is missing; the config needs it "
-                f"(num_hidden_layers={cfg.num_layers}, tie_word_embeddings="
-                f"{cfg.tie_word_embeddings})"
+    names = p.names(cfg.num_layers)
+    missing = [n for n in names if n not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MissingTensorError(
+            f"{src.where}: tensor {missing[0]!r}{more} is missing; the config needs it "
+            f"(num_hidden_layers={cfg.num_layers}, tie_word_embeddings="
+            f"{cfg.tie_word_embeddings})"
+        )
+    for n in names:
+        if src.shape(n) != p.hf_shape():
+            raise TensorShapeError(
+                f"{src.where}: tensor {n!r} has shape {list(src.shape(n))}, but the config "
+                f"implies {list(p.hf_shape())}"
             )
-        for n in names:
-            if src.shape(n) != p.hf_shape():
-                raise TensorShapeError(
-                    f"{src.where}: tensor {n!r} has shape {list(src.shape(n))}, but the config "
-                    f"implies {list(p.hf_shape())}"
-                )
-        used.update(names)
+    return names
+
+
+def check_no_extra(cfg: LlamaConfig, src: _Source) -> None:
+    """Nothing in the source beyond what ``param_specs`` reads (and ignorable exporter extras)."""
+    used = {n for p in param_specs(cfg) for n in p.names(cfg.num_layers)}
     extra = sorted(
         n
-        for n in present - used
+        for n in src.names() - used
         if not _IGNORED.fullmatch(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
     )
     if extra:
@@ -207,16 +210,16 @@ def check_source(cfg: LlamaConfig, src: _Source) -> None:
 
 
 def _assemble(cfg: LlamaConfig, src: _Source, dtype: np.dtype | None) -> PyTree:
-    check_source(cfg, src)
     base: dict[str, Any] = {}
     for p in param_specs(cfg):
-        names = p.names(cfg.num_layers)
+        names = check_param(cfg, src, p)
         host = _aligned_empty((len(names), *p.shape), np.dtype(dtype or src.dtype(names[0])))
         for i, n in enumerate(names):
             _fill_layer(host, i, src.read(n), p.transpose)
         # One stacked leaf at a time goes to the device and its host copy is freed at once.
         _put(base, p.path, jnp.asarray(host if p.per_layer else host[0]))
         del host
+    check_no_extra(cfg, src)
     return base
 
 

@@ -32,7 +32,8 @@ from fedlora_jax.model.convert import (
     _Param,
     _put,
     _SafetensorsSource,
-    check_source,
+    check_no_extra,
+    check_param,
     param_specs,
     read_hf_config,
 )
@@ -105,9 +106,12 @@ def sharded_load(
     folder = Path(path)
     cfg = read_hf_config(folder)
     entries = _hf_entries(folder)
-    check_source(cfg, _SafetensorsSource(entries, str(folder)))
-    dt = _as_dtype(dtype)
+    src = _SafetensorsSource(entries, str(folder))
     specs = param_specs(cfg)
+    for p in specs:
+        check_param(cfg, src, p)
+    check_no_extra(cfg, src)
+    dt = _as_dtype(dtype)
     shapes = {
         "/".join(p.path): jax.ShapeDtypeStruct(
             (cfg.num_layers, *p.shape) if p.per_layer else p.shape,

@@ -5,8 +5,9 @@ A rule is ``(regex, spec)``: the regex is matched (``re.fullmatch``) against the
 mesh axis (or ``None``) per array dimension, as a ``PartitionSpec`` does. ``DEFAULT_RULES`` is
 FSDP in the MaxText style: every matrix splits its model dimension ``d`` over ``fsdp`` and its
 heads / FFN / vocabulary dimension over ``tensor`` (Megatron's column/row split); the stacked
-layer axis is never split (the forward scans it). Pass your own rules to override, e.g.
-``((r"embed", ("tensor", "fsdp")),) + DEFAULT_RULES`` puts the vocabulary on ``tensor``.
+layer axis is never split (the forward scans it). The embedding splits ``d`` like every other
+matrix (MaxText's choice too). Pass your own rules to override, e.g.
+``((r"lm_head", ("fsdp", None)),) + DEFAULT_RULES`` keeps the vocabulary whole.
 
 Checks, so nothing is replicated by accident:
 
@@ -39,7 +40,7 @@ FSDP, TENSOR = "fsdp", "tensor"
 REPLICATE = "replicate"  # a rule's spec that replicates a leaf of any size, on purpose
 
 DEFAULT_RULES: tuple[Rule, ...] = (
-    (r"embed", (FSDP, TENSOR)),  # [V, d]: vocabulary over fsdp, d over tensor
+    (r"embed", (TENSOR, FSDP)),  # [V, d]: vocabulary over tensor, d over fsdp
     (r"lm_head", (FSDP, TENSOR)),  # [d, V]
     (r"layers/attn/(q|k|v)_proj", (None, FSDP, TENSOR)),  # [L, d, heads*hd]: column split
     (r"layers/attn/o_proj", (None, TENSOR, FSDP)),  # [L, heads*hd, d]: row split

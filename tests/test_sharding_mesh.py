@@ -1,0 +1,94 @@
+"""The mesh backend (clients x fsdp, base split by the partition rules) equals the vmap backend.
+
+Runs in a worker interpreter with 8 fake CPU devices (tests/fake_devices.py): stories260K cut to
+its first 2 layers (compile time), N=4
+clients with K=4 sampled per round, two rounds, mesh clients=2,fsdp=4 (each client's batch of 4
+split over fsdp), for FedIT, FedALT (per-client broadcast) and FedLoRA-Optimizer (two phases).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from fake_devices import run_worker
+
+from fedlora_jax.adapters import AdapterConfig
+from fedlora_jax.algorithms import ClientTraining, get
+from fedlora_jax.federated import engine as E
+from fedlora_jax.model.convert import load_hf_folder
+
+N, STEPS, BATCH, SEQ, ROUNDS, LAYERS = 4, 2, 4, 32, 2, 2
+MESH = "clients=2,fsdp=4"
+CASES = {
+    "fedit": (AdapterConfig(r=4), {}),
+    "fedalt": (AdapterConfig(kind="mixture", r=2, alpha=8.0), {}),
+    "fedlora_optimizer": (AdapterConfig(kind="decomposed", r=2, alpha=4.0), {}),
+}
+
+
+def _batches(alg, seed: int = 0) -> dict:
+    """{phase: batches [N, steps, batch, seq]}: random tokens, loss on the second half."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for phase in alg.phases:
+        tokens = rng.integers(3, 512, (N, phase.steps, BATCH, SEQ)).astype(np.int32)
+        loss_mask = np.ones_like(tokens)
+        loss_mask[..., : SEQ // 2] = 0
+        out[phase.name] = {
+            "tokens": tokens,
+            "loss_mask": loss_mask,
+            "attn_mask": np.ones_like(tokens),
+        }
+    return out
+
+
+def _run(alg, base, config: E.EngineConfig) -> tuple[dict, list]:
+    state = E.init_state(alg, base, N, seed=0)
+    sizes = np.array([10.0, 20.0, 30.0, 40.0], np.float32)
+    losses = []
+    for r in range(ROUNDS):
+        state, metrics = E.run_round(alg, state, base, _batches(alg, r), sizes, config)
+        losses += [v for k, v in sorted(metrics.items()) if k.endswith("/per_client/loss")]
+    host = jax.tree.map(np.asarray, (state.server_state, state.client_states))
+    return host, losses
+
+
+def _worker_mesh_equals_vmap(stories_dir: str, name: str) -> dict:
+    assert jax.device_count() == 8
+    cfg, base = load_hf_folder(pathlib.Path(stories_dir))
+    base = {**base, "layers": jax.tree.map(lambda x: x[:LAYERS], base["layers"])}
+    cfg = dataclasses.replace(cfg, num_layers=LAYERS)
+    adapter, options = CASES[name]
+    training = ClientTraining(model=cfg, adapter=adapter, local_steps=STEPS, lr=1e-2)
+    alg = get(name)(training, **options)
+    ref, ref_losses = _run(alg, base, E.EngineConfig(seed=1))
+    got, got_losses = _run(alg, base, E.EngineConfig(seed=1, backend="mesh", mesh=MESH))
+    ref, got = (jax.tree.map(lambda x: np.asarray(x, np.float64), t) for t in (ref, got))
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b), initial=0.0)), ref, got)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-4)
+    moved = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref[0]))
+    return {"max_diff": max(jax.tree.leaves(diffs)), "server_scale": moved}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_mesh_backend_equals_vmap(stories_dir, name):
+    res = run_worker(
+        "test_sharding_mesh", "_worker_mesh_equals_vmap", str(stories_dir), name, timeout=1200
+    )
+    assert res["server_scale"] > 0  # the rounds trained something
+    assert res["max_diff"] < 2e-4
+
+
+def test_mesh_config_errors_name_the_keys():
+    with pytest.raises(ValueError, match="the mesh backend needs a mesh"):
+        E.EngineConfig(backend="mesh")
+    with pytest.raises(ValueError, match="only it takes one"):
+        E.EngineConfig(backend="vmap", mesh=MESH)
+    with pytest.raises(ValueError, match="federated.mesh='clients=2,data=4': bad entry 'data=4'"):
+        E.EngineConfig(backend="mesh", mesh="clients=2,data=4")
