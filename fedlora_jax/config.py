@@ -37,6 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.optimizer_state": ("fresh", "persistent"),
     "run.on_no_valid_client": ("error", "stop", "continue"),
+    "dp.sampling": ("poisson", "fixed"),
+    "dp.accountant": ("pld", "rdp"),
 }
 
 # The adapter kind each algorithm trains, used when adapter.kind = "auto" (others: lora).
@@ -70,6 +72,12 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("eval.max_examples_per_client", 0, True),
     ("checkpoint.every", 0, True),
     ("checkpoint.keep", 1, True),
+    ("dp.clip", 0, False),
+    ("dp.noise_multiplier", 0, True),
+    ("dp.target_epsilon", 0, True),
+    ("dp.delta", 0, False),
+    ("dp.clip_learning_rate", 0, True),
+    ("dp.clipped_count_stddev", 0, True),
 )
 
 
@@ -155,6 +163,17 @@ def base_config() -> ConfigDict:
         }
     )
     c.checkpoint = ConfigDict({"every": 1, "keep": 2})  # every 0 = never
+    # User-level central DP (DP-FedAvg, docs/privacy.md): noise_multiplier 0 = calibrate σ to
+    # target_epsilon over federated.rounds; target_epsilon 0 = no budget; q (Poisson) or m (fixed)
+    # from federated.client_fraction / clients_per_round; adaptive_clip: Andrew et al. 2021
+    # (clipped_count_stddev 0 = expected clients / 20).
+    c.dp = ConfigDict(
+        {
+            "enabled": False, "clip": 0.1, "noise_multiplier": 0.0, "target_epsilon": 0.0,
+            "delta": 1e-5, "sampling": "poisson", "accountant": "pld", "adaptive_clip": False,
+            "target_quantile": 0.5, "clip_learning_rate": 0.2, "clipped_count_stddev": 0.0,
+        }
+    )  # fmt: skip
     # The run dir is out_dir/name; name "" derives "{tag}-{algorithm.name}-seed{seed}".
     # on_no_valid_client: what a round in which every sampled client sent non-finite values
     # (so the model was not updated) does: "error" = checkpoint, write results.md, exit
@@ -370,6 +389,9 @@ def validate(cfg: ConfigDict) -> None:
             f"federated.clients_per_round={fed.clients_per_round} exceeds "
             f"data.num_clients={data.num_clients}"
         )
+    for key in ("dp.delta", "dp.target_quantile"):
+        if not 0 < _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not valid; must be in (0, 1)")
     if cfg.adapter.dropout >= 1:
         raise ConfigError(f"adapter.dropout={cfg.adapter.dropout!r} is not valid; must be < 1")
     targets = cfg.adapter.targets

@@ -46,6 +46,9 @@ ROUND_COLUMNS: tuple[tuple[str, str], ...] = (
     ("comm/up_bytes_per_client", "up bytes/client"),
     ("comm/down_bytes_per_client", "down bytes/client"),
     ("time/round_s", "round s"),
+    ("dp/epsilon", "DP ε"),
+    ("dp/clip_fraction", "clip fraction"),
+    ("dp/clip", "clip norm C"),
 )
 PLOTTED = ("train/loss", "global/rouge_l", "local/rouge_l/mean", "global/loss", "local/loss/mean")
 # Final metrics compared across runs (flat keys of the final evaluation report).

@@ -54,6 +54,8 @@ from fedlora_jax.logging import (
 )
 from fedlora_jax.model.config import LlamaConfig
 from fedlora_jax.model.hub import resolve_model
+from fedlora_jax.privacy import run as dp_run
+from fedlora_jax.privacy.private import DpSettings
 from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, drop_line, write_results
 
 PyTree = Any
@@ -81,6 +83,7 @@ class Setup:
     engine: EngineConfig
     data: FederatedData
     batches: RoundBatches
+    privacy: DpSettings | None = None  # dp.enabled: the resolved DP settings
 
 
 @dataclasses.dataclass
@@ -167,8 +170,14 @@ def build(cfg: ConfigDict, *, verbose: bool = True) -> Setup:
     data = prepare_federated_data(cfg.data, tokenizer, verbose=verbose)
     training = client_training(cfg, model_cfg)
     algorithm = build_algorithm(cfg, training, len(data.clients))
+    engine, dp = engine_config(cfg), None
+    if cfg.dp.enabled:
+        try:
+            algorithm, engine, dp = dp_run.for_run(cfg.dp, algorithm, engine, len(data.clients))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     batches = RoundBatches(data, algorithm, cfg)
-    return Setup(model_cfg, base, tokenizer, training, algorithm, engine_config(cfg), data, batches)
+    return Setup(model_cfg, base, tokenizer, training, algorithm, engine, data, batches, dp)
 
 
 class RoundBatches:
@@ -285,7 +294,14 @@ def run(
         ) as logger:
             last_report = None  # the evaluation of the round just trained, if it had one
             halted = None  # why a round with no valid client stops the run
+            spent = None  # why the privacy budget stops the run
             while state.round < rounds:
+                spent = dp_run.budget_stop(setup.privacy, state.round)
+                if spent:
+                    spent += f"; stopped with a checkpoint in {run_dir / CHECKPOINT_DIR}"
+                    if ckpt.latest_step() != state.round:
+                        ckpt.save(state.round, state, _meta(state, history))
+                    break
                 state, row, last_report = _one_round(cfg, setup, state)
                 history.append(row)
                 logger.log(state.round, row)
@@ -299,6 +315,10 @@ def run(
                 if stopping:
                     break
     final = None
+    if spent:
+        write_results(run_dir, data=data_summary(setup.data), stopped=spent)
+        print(spent)
+        return RunResult(run_dir, state, history, None, spent)
     if halted:
         write_results(run_dir, data=data_summary(setup.data), stopped=halted)
         if cfg.run.on_no_valid_client == "error":
@@ -357,6 +377,8 @@ def _one_round(
         setup.algorithm, state, setup.base, setup.batches, setup.data.weights, setup.engine
     )
     row = round_metrics(setup.algorithm, metrics)
+    if setup.privacy is not None:
+        row.update(dp_run.round_metrics(setup.privacy, state))
     row["time/train_s"] = time.perf_counter() - start
     every = cfg.eval.every
     report = None
@@ -517,7 +539,7 @@ def _resumable(cfg: ConfigDict) -> tuple[str, ...]:
         reads = reads_run_length(cfg.algorithm.name, options)
     except OptionsError as e:
         raise ConfigError(str(e)) from None
-    if reads:
+    if reads or (cfg.dp.enabled and not cfg.dp.noise_multiplier):  # σ calibrated on the rounds
         return tuple(k for k in RESUMABLE_CHANGES if k != "federated.rounds")
     return RESUMABLE_CHANGES
 

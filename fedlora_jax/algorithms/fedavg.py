@@ -265,7 +265,11 @@ def fedavg_family(
         mean = merge_trees(common, weighted_mean(clients.personal, w))
         return Models(mean, own, global_label=construct_label)
 
+    def origin(server: ServerState) -> Tree:  # the uploads are the trained shared leaves
+        return select_placed(server.params, placement, "shared")
+
     phase = Phase(
-        "train", steps, broadcast, client_update, aggregate if shared else None, dict(placement)
-    )
+        "train", steps, broadcast, client_update, aggregate if shared else None, dict(placement),
+        upload_origin=None if control_variates else origin,  # SCAFFOLD also uploads variates
+    )  # fmt: skip
     return Algorithm(name, init, (phase,), models, pooled_data=pooled_data)

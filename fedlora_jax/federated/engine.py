@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from fedlora_jax.federated import distributed
 from fedlora_jax.federated.comm import phase_bytes
 from fedlora_jax.federated.context import RoundInfo
-from fedlora_jax.federated.sampling import sample_clients
+from fedlora_jax.federated.sampling import poisson_sample, sample_clients
 
 PyTree = Any
 Array = jax.Array
@@ -88,6 +88,7 @@ class EngineConfig:
     chunk_size: int = 1  # chunked: clients vmapped together inside lax.map
     clients_per_round: int | None = None
     client_fraction: float | None = None
+    sampling_rate: float | None = None  # Poisson: each client joins with this probability (DP)
     seed: int = 0  # sampling seed; with the round index it fixes the sampled clients
     rounds: int | None = None  # the run length, given to algorithms as RoundInfo.total_rounds
     donate: bool = True  # donate server/client state buffers to the jitted phase (state consumed)
@@ -422,6 +423,21 @@ def _host_metrics(phase: Phase, ids: np.ndarray, metrics: dict, valid: np.ndarra
     return out
 
 
+def _empty_round(
+    algorithm: Algorithm, state: EngineState, config: EngineConfig, n: int, start: float
+) -> tuple[EngineState, dict[str, Any]]:
+    """A round whose Poisson draw is empty: nobody trains, but a private algorithm still releases
+    its noise (``release_without_clients``, privacy.private); for any other it is an error."""
+    release = getattr(algorithm, "release_without_clients", None)
+    if release is None:
+        raise ValueError(f"round {state.round}: no clients sampled")
+    server = release(state.server_state, state.rng, state.round, config.rounds, n)
+    comm = ("down_bytes_per_client", "up_bytes_per_client", "down_bytes", "up_bytes")
+    metrics = {"round": state.round, "clients": [], **{f"comm/{k}": 0 for k in comm}}
+    metrics["time_s"] = time.perf_counter() - start
+    return EngineState(server, state.client_states, state.rng, state.round + 1), metrics
+
+
 def run_round(
     algorithm: Algorithm,
     state: EngineState,
@@ -448,11 +464,15 @@ def run_round(
         rows = {np.shape(x)[0] for x in jax.tree.leaves(state.client_states)}
         if rows - {n}:
             raise ValueError(f"client_sizes has {n} entries; the state has {rows.pop()} clients")
-        ids = sample_clients(
-            config.seed, state.round, n, config.clients_per_round, config.client_fraction
+        ids = (
+            sample_clients(
+                config.seed, state.round, n, config.clients_per_round, config.client_fraction
+            )
+            if config.sampling_rate is None
+            else poisson_sample(config.seed, state.round, n, config.sampling_rate)
         )
     if len(ids) == 0:
-        raise ValueError(f"round {state.round}: no clients sampled")
+        return _empty_round(algorithm, state, config, n, start)
     if config.backend == "shard_map" and len(ids) % jax.device_count():
         log.info(
             "shard_map: padding %d clients to a multiple of %d devices",

@@ -27,6 +27,16 @@ def num_sampled(num_clients: int, count: int | None = None, fraction: float | No
     return num_clients
 
 
+def poisson_sample(seed: int, round_idx: int, num_clients: int, rate: float) -> np.ndarray:
+    """Sorted int32 ids of a Poisson sample: each client joins independently with probability
+    ``rate`` (DP-FedAvg's sampling; the draw may be empty). Keyed on (seed, round) like
+    ``sample_clients``, on a separate stream."""
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"Poisson sampling rate {rate} must be in (0, 1]")
+    rng = np.random.default_rng([int(seed), int(round_idx), 1])
+    return np.flatnonzero(rng.random(num_clients) < rate).astype(np.int32)
+
+
 def sample_clients(
     seed: int,
     round_idx: int,
