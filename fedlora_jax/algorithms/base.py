@@ -62,6 +62,9 @@ class Phase:
         uploaded). ``weights`` are data sizes, 0 for an excluded client (zero-filled upload).
     placement: leaf key -> one of PLACEMENTS; optimizer labels, uploads and personal state are
         derived from it (``placement_labels``, ``select_placed``).
+    payload_held: the payload is the server state exactly as the previous round's last
+        broadcast sent it (nothing changed it since), so the clients of the previous round
+        already hold it; the engine counts its download only for the other clients.
     upload_origin(server) -> what each client's upload starts from (the leaves it received),
         declared when ``aggregate`` uses the uploads only through their (weighted) mean, so
         central DP of the mean covers the phase (``privacy.privatise``); None: it does not.
@@ -74,6 +77,7 @@ class Phase:
     aggregate: Callable[[PyTree, PyTree, Array, Array, RoundInfo], PyTree] | None
     placement: Mapping[str, str] = dataclasses.field(default_factory=dict)
     per_client_broadcast: bool = False
+    payload_held: bool = False
     upload_origin: Callable[[PyTree], PyTree] | None = None
 
     def __post_init__(self) -> None:

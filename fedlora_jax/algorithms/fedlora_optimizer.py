@@ -278,6 +278,7 @@ def fedlora_optimizer(training: ClientTraining, options: FedLoRAOptimizerOptions
             update_global,
             aggregate_global,
             global_placement(trained),
+            payload_held=True,  # = the personal phase's payload of the previous round
             upload_origin=lambda server: select_keys(server["adapters"], aggregated),
         ),  # fmt: skip
         Phase("personal", e_l, broadcast_personal, update_personal, None, PERSONAL_PLACEMENT),

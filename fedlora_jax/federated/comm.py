@@ -20,6 +20,14 @@ def per_client_nbytes(stacked: PyTree) -> int:
     return sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in jax.tree.leaves(stacked))
 
 
+def first_download_share(ids: Any, holders: Any) -> float:
+    """The share of this round's clients ``ids`` that do not already hold a payload the
+    clients ``holders`` received (``Phase.payload_held``: the previous round's clients)."""
+    held = {int(i) for i in holders}
+    ids = [int(i) for i in ids]
+    return sum(i not in held for i in ids) / len(ids) if ids else 0.0
+
+
 def phase_bytes(
     payload: PyTree, uploads: PyTree, per_client_broadcast: bool, aggregates: bool
 ) -> tuple[int, int]:

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fedlora_jax.federated import distributed
-from fedlora_jax.federated.comm import phase_bytes
+from fedlora_jax.federated.comm import first_download_share, phase_bytes
 from fedlora_jax.federated.context import RoundInfo
 from fedlora_jax.federated.sampling import poisson_sample, sample_clients
 
@@ -505,6 +505,11 @@ def run_round(
             d, u = comm_bytes(algorithm, p, config, n, *args)
             with _mesh_context(config):
                 server, clients, *on_device = compiled_phase(algorithm, p, config, n)(*args)
+        if phase.payload_held and state.round > 0:  # the previous round's clients hold it
+            before = sample_clients(
+                config.seed, state.round - 1, n, config.clients_per_round, config.client_fraction
+            )
+            d *= first_download_share(ids, before)
         down, up = down + d, up + u
         phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
         metrics.update(_host_metrics(phase, ids, phase_metrics, valid))
