@@ -7,6 +7,8 @@ smoke        stories260K, 4 clients, 2 rounds: seconds; what the test suite runs
 llama2-7b    paper scale (GPU/TPU): Llama-2-7B, bf16, 8 clients, r=8 alpha=16 on q,v, AdamW 3e-4.
 deepseek-7b  the same with DeepSeek-LLM-7B-base.
 fedlora-optimizer-llama2-7b  llama2-7b with FedLoRA-Optimizer.
+dp           default with FedIT under user-level DP-FedAvg (docs/privacy.md): ε = 8 at δ = 1e-5
+             over the 3 rounds (σ calibrated), C = 1, Poisson sampling (q = 1 with 4 clients).
 
 Presets other than default keep the schema's algorithm (FedIT); pick another with
 ``--config.algorithm.name``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from fedlora_jax.config import paper_scale_preset, pick_preset, smoke_preset
+from fedlora_jax.privacy.run import private_preset
 
 
 def fedlora_optimizer(cfg: ConfigDict) -> ConfigDict:
@@ -40,8 +43,15 @@ def default(cfg: ConfigDict) -> ConfigDict:
     return cfg
 
 
+def dp(cfg: ConfigDict) -> ConfigDict:
+    """DP-FedAvg on the CPU protocol; the utility-vs-ε table of docs/privacy.md overrides
+    dp.target_epsilon (2, 8) or sets dp.enabled=False (ε = ∞)."""
+    return private_preset(default(cfg))
+
+
 PRESETS = {
     "default": default,
+    "dp": dp,
     "smoke": smoke_preset,
     "llama2-7b": lambda c: paper_scale_preset(c, "meta-llama/Llama-2-7b-hf", 8),
     "deepseek-7b": lambda c: paper_scale_preset(c, "deepseek-ai/deepseek-llm-7b-base", 8),

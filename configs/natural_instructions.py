@@ -16,6 +16,8 @@ fedalt       FedALT's official setup (jmbian/FedALT) on Llama-2-7B: 8 clients wi
              (adapter.kind=auto follows the algorithm).
 fedlora-optimizer            default with FedLoRA-Optimizer.
 fedlora-optimizer-llama2-7b  llama2-7b with FedLoRA-Optimizer.
+dp           default with FedIT under user-level DP-FedAvg (docs/privacy.md): ε = 8 at δ = 1e-5
+             over the 3 rounds (σ calibrated), C = 1, Poisson sampling (q = 1 with 4 clients).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from fedlora_jax.config import paper_scale_preset, pick_preset, smoke_preset
+from fedlora_jax.privacy.run import private_preset
 
 
 def natural_instructions(cfg: ConfigDict) -> ConfigDict:
@@ -76,6 +79,7 @@ PRESETS = {
         natural_instructions(c), "deepseek-ai/deepseek-llm-7b-base", num_clients=16
     ),
     "fedalt": fedalt,
+    "dp": lambda c: private_preset(natural_instructions(c)),
     "fedlora-optimizer": lambda c: fedlora_optimizer(natural_instructions(c)),
     "fedlora-optimizer-llama2-7b": lambda c: fedlora_optimizer(
         paper_scale_preset(natural_instructions(c), "meta-llama/Llama-2-7b-hf", num_clients=16)
