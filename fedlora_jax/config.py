@@ -142,6 +142,9 @@ def base_config() -> ConfigDict:
             "chunk_size": 2,  # clients per lax.map step for the chunked backend
             "mesh": "",  # backend mesh: e.g. "clients=2,fsdp=4" (docs/scaling.md)
             "packing": True,  # several examples per row (data.batches.packed_round_batches)
+            # per-client LoRA ranks (algorithms.rank_mask): "" = all at adapter.r, "2,4,8,8",
+            # "cycle:2,4,8" or "uniform:2,4,8" (drawn with run.seed)
+            "client_ranks": "",
         }
     )
     c.optim = ConfigDict(

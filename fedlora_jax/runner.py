@@ -29,6 +29,7 @@ from fedlora_jax import algorithms
 from fedlora_jax import config as config_lib
 from fedlora_jax.adapters.base import AdapterConfig
 from fedlora_jax.algorithms.base import Algorithm, OptionsError, Phase, reads_run_length
+from fedlora_jax.algorithms.rank_mask import parse_client_ranks
 from fedlora_jax.algorithms.training import ClientTraining
 from fedlora_jax.checkpoint import Checkpointer
 from fedlora_jax.config import ConfigError
@@ -151,10 +152,35 @@ def build_algorithm(cfg: ConfigDict, training: ClientTraining, num_clients: int)
     options = cfg.algorithm.options.to_dict()
     if cfg.algorithm.name == "centralized":  # same examples per round as the federated runs
         options.setdefault("clients_per_round", sampled_per_round(cfg, num_clients))
+    if cfg.federated.client_ranks or "client_ranks" in options:
+        options["client_ranks"] = _client_ranks(cfg, builder, options, num_clients)
     try:
         return builder(training, **options)
     except OptionsError as e:
         raise ConfigError(str(e)) from None
+
+
+def _client_ranks(cfg: ConfigDict, builder: Any, options: dict, num_clients: int) -> str:
+    """federated.client_ranks resolved to one rank per client ("2,4,8,8"), the option of the
+    algorithms that train heterogeneous ranks; a ConfigError for any other algorithm."""
+    spec, name = cfg.federated.client_ranks, cfg.algorithm.name
+    if "client_ranks" in options:
+        raise ConfigError("set federated.client_ranks, not algorithm.options.client_ranks")
+    if "client_ranks" not in {f.name for f in dataclasses.fields(builder.options)}:
+        takers = [n for n in algorithms.names() if _takes_ranks(n)]
+        raise ConfigError(
+            f"federated.client_ranks={spec!r}: {name} trains every client at adapter.r; "
+            f"algorithms with per-client ranks: {', '.join(takers)}"
+        )
+    try:
+        ranks = parse_client_ranks(spec, num_clients, cfg.adapter.r, cfg.run.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return ",".join(map(str, ranks))
+
+
+def _takes_ranks(name: str) -> bool:
+    return "client_ranks" in {f.name for f in dataclasses.fields(algorithms.get(name).options)}
 
 
 def load_model(cfg: ConfigDict) -> tuple[LlamaConfig, PyTree, Any]:

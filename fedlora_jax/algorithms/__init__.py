@@ -18,8 +18,10 @@ from fedlora_jax.algorithms import (  # noqa: F401 (imports register the builder
     fedsa_lora,
     fedyogi,
     ffa_lora,
+    flexlora,
     flora,
     local_only,
+    rolora,
     scaffold,
 )
 from fedlora_jax.algorithms.base import (

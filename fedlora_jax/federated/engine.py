@@ -350,13 +350,19 @@ def _signature(*trees: PyTree) -> tuple:
     return treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves)
 
 
-_COMM_CACHE: dict[tuple, tuple[int, int]] = {}
+_COMM_CACHE: dict[tuple, tuple[PyTree, PyTree]] = {}
 
 
 def comm_bytes(
-    algorithm: Algorithm, p: int, config: EngineConfig, num_clients: int, *args: PyTree
-) -> tuple[int, int]:
-    """(down, up) bytes per client for phase ``p``, from the traced payload and upload shapes.
+    algorithm: Algorithm,
+    p: int,
+    config: EngineConfig,
+    num_clients: int,
+    *args: PyTree,
+    client_metrics: Mapping[str, Any] | None = None,
+) -> tuple[float, float]:
+    """(down, up) bytes per client for phase ``p``, from the traced payload and upload shapes
+    (at each client's rank when ``client_metrics`` report ranks: ``federated.comm``).
 
     ``args`` are the jitted phase's arguments; the shapes are traced once per signature.
     """
@@ -366,10 +372,9 @@ def comm_bytes(
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
         with _mesh_context(config):
             out = jax.eval_shape(_phase_core(phase, config, num_clients), *shapes)
-        _COMM_CACHE[key] = phase_bytes(
-            out[5], out[6], phase.per_client_broadcast, phase.aggregate is not None
-        )
-    return _COMM_CACHE[key]
+        _COMM_CACHE[key] = (out[5], out[6])
+    aggregates = phase.aggregate is not None
+    return phase_bytes(*_COMM_CACHE[key], phase.per_client_broadcast, aggregates, client_metrics)
 
 
 def _mesh_context(config: EngineConfig) -> Any:
@@ -499,19 +504,24 @@ def run_round(
         args = (base, server, clients, ids, b, state.rng, round_idx, np.int32(p), sizes[ids])
         if config.backend == "debug":  # eager: count the bytes actually sent
             out = _phase_core(phase, config, n)(*args)
-            d, u = phase_bytes(out[5], out[6], phase.per_client_broadcast, bool(phase.aggregate))
+            sent = (out[5], out[6])
             server, clients, *on_device = out[:5]
         else:
-            d, u = comm_bytes(algorithm, p, config, n, *args)
+            sent = None
             with _mesh_context(config):
                 server, clients, *on_device = compiled_phase(algorithm, p, config, n)(*args)
+        phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
+        if sent is None:
+            d, u = comm_bytes(algorithm, p, config, n, *args, client_metrics=phase_metrics)
+        else:  # debug: the arrays actually sent
+            aggregates = phase.aggregate is not None
+            d, u = phase_bytes(*sent, phase.per_client_broadcast, aggregates, phase_metrics)
         if phase.payload_held and state.round > 0:  # the previous round's clients hold it
             before = sample_clients(
                 config.seed, state.round - 1, n, config.clients_per_round, config.client_fraction
             )
             d *= first_download_share(ids, before)
         down, up = down + d, up + u
-        phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
         metrics.update(_host_metrics(phase, ids, phase_metrics, valid))
         metrics[f"{phase.name}/aggregated"] = bool(aggregated) if phase.aggregate else False
         if not valid.all():
