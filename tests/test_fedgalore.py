@@ -11,7 +11,7 @@ import pytest
 from fedlora_jax import algorithms
 from fedlora_jax.adapters import AdapterConfig
 from fedlora_jax.algorithms import ClientTraining
-from fedlora_jax.algorithms.fedgalore import make_galore_optimizer
+from fedlora_jax.algorithms.fedgalore import make_galore_optimizer, rebuild_delta, upload_factors
 from fedlora_jax.algorithms.training import make_loss_fn
 from fedlora_jax.federated.engine import EngineConfig, RoundInfo, init_state, models, run_round
 from fedlora_jax.model.convert import load_hf_folder
@@ -20,6 +20,7 @@ from fedlora_jax.model.loss import lm_loss
 from fedlora_jax.optim import ajive, galore
 
 K, STEPS, BATCH, SEQ, RANK, LR = 3, 2, 2, 12, 4, 1e-2
+SAMPLES = 200  # AJIVE's bound samples (py_jive's default 1000 costs more than this test needs)
 SIZES = np.array([10.0, 30.0, 20.0], np.float32)
 # Two right-side (m >= n) targets and one left-side one (up_proj 64 x 172).
 TARGETS = r"layers\.0\.(attn\.(q_proj|k_proj)|mlp\.up_proj)"
@@ -53,7 +54,9 @@ def batches() -> dict[str, np.ndarray]:
 
 
 def _build(training, **options):
-    return algorithms.get("fedgalore")(training, rank=RANK, targets=TARGETS, **options)
+    return algorithms.get("fedgalore")(
+        training, rank=RANK, targets=TARGETS, ajive_samples=SAMPLES, **options
+    )
 
 
 def _round(alg, base, batches):
@@ -113,37 +116,46 @@ def test_sync_none_is_local_galore_then_fedavg(model, training, batches, by_hand
         np.testing.assert_allclose(got[key], value, rtol=2e-4, atol=1e-7)
     assert max(np.abs(v).max() for v in got.values()) > 1e-3  # the round changed the model
     assert set(new.server_state) == {"adapters"}
-    # Uplink: the full-size ΔW of every target (4 bytes per entry), nothing else.
-    assert metrics["comm/up_bytes_per_client"] == sum(4 * m * n for m, n in DIMS)
+    # Uplink: the factors of every target's rank-r ΔW, 4 bytes per entry: the projected change
+    # (r x the larger side) and the projector (r x the smaller side). Downlink: the global ΔW.
+    assert metrics["comm/up_bytes_per_client"] == sum(4 * RANK * (m + n) for m, n in DIMS)
+    assert metrics["comm/down_bytes_per_client"] == sum(4 * m * n for m, n in DIMS)
     got_models = models(alg, new, K)
     assert got_models.personal is None and got_models.personal_is_global
     assert got_models.global_ is new.server_state["adapters"]
 
 
 def _stacked(by_hand):
-    return {
-        "delta": jax.tree.map(lambda *x: jnp.stack(x), *[p for p, _, _ in by_hand]),
-        "nu": jax.tree.map(lambda *x: jnp.stack(x), *[nu for _, nu, _ in by_hand]),
-        "proj": jax.tree.map(lambda *x: jnp.stack(x), *[pr for _, _, pr in by_hand]),
-    }
+    """The hand-run clients' uploads: the factors of ΔW (from zero, ΔW = the trained params)."""
+    stack = lambda i: jax.tree.map(lambda *x: jnp.stack(x), *[c[i] for c in by_hand])  # noqa: E731
+    return {**upload_factors(stack(0), stack(2)), "nu": stack(1)}
 
 
-def _check_shared(server, uploads, method):
-    """The server state equals ajive.shared_second_moment on the hand-run clients' uploads."""
+def _check_shared(server, uploads, method, key=None):
+    """The server state equals ajive.shared_second_moment on the hand-run clients' uploads
+    (``key``: the aggregate's key; leaf i draws AJIVE's bounds from its fold i)."""
     w = jnp.asarray(SIZES)
     assert bool(server["synced"])
     nus, projs = _flat(uploads["nu"]), _flat(uploads["proj"])
     basis, shared, kept = _flat(server["basis"]), _flat(server["nu"]), _flat(server["joint_rank"])
-    for key, value in shared.items():
-        side = "right" if projs[key].shape[-2] == value.shape[-1] else "left"
-        b, s, k = ajive.shared_second_moment(nus[key], projs[key], w, side, method, 0.75)
-        assert int(kept[key]) == int(k) and 1 <= int(k) <= RANK
+    settings = ajive.AjiveSettings(RANK // 2, SAMPLES)
+    top = RANK // 2 if method == "ajive" else RANK
+    ranks = []
+    for i, (name, value) in enumerate(shared.items()):
+        side = "right" if projs[name].shape[-2] == value.shape[-1] else "left"
+        leaf_key = None if key is None else jax.random.fold_in(key, i)
+        b, s, k = ajive.shared_second_moment(
+            nus[name], projs[name], w, side, method, 0.75, settings, leaf_key
+        )
+        assert int(kept[name]) == int(k) and 0 <= int(k) <= top
+        ranks.append(int(k))
         # Compare basis-independent quantities (the SVD basis is unique only up to signs).
-        np.testing.assert_allclose(np.abs(basis[key]), np.abs(np.asarray(b)), atol=2e-3)
+        np.testing.assert_allclose(np.abs(basis[name]), np.abs(np.asarray(b)), atol=2e-3)
         np.testing.assert_allclose(value, s, rtol=2e-3, atol=1e-12)
-        assert value.min() >= 0.0 and value.max() > 0.0
-    for key, value in _flat(_fedavg([p for p, _, _ in uploads["hand"]])).items():
-        np.testing.assert_allclose(_flat(server["adapters"])[key], value, rtol=2e-4, atol=1e-7)
+        assert value.min() >= 0.0 and (value.max() > 0.0) == (int(k) > 0)
+    for name, value in _flat(_fedavg([p for p, _, _ in uploads["hand"]])).items():
+        np.testing.assert_allclose(_flat(server["adapters"])[name], value, rtol=2e-4, atol=1e-7)
+    return ranks
 
 
 def test_sync_mean_round_through_the_engine(model, training, batches, by_hand):
@@ -151,22 +163,47 @@ def test_sync_mean_round_through_the_engine(model, training, batches, by_hand):
     alg = _build(training, sync="mean")
     _, new, metrics = _round(alg, base, batches)
     _check_shared(new.server_state, {**_stacked(by_hand), "hand": by_hand}, "mean")
-    # Uplink: ΔW plus the projected moment and projector: 4 (mn + r(m + n)) bytes per target;
-    # downlink: global ΔW plus the server's basis and moment, and the "synced" flag.
-    per_target = [4 * (m * n + RANK * (m + n)) for m, n in DIMS]
-    assert metrics["comm/up_bytes_per_client"] == sum(per_target)
-    assert metrics["comm/down_bytes_per_client"] == sum(per_target) + 1
+    # Hand count per target m x n, 4 bytes per entry. Uplink: the factors (projected change,
+    # r x the larger side, and projector, r x the smaller side) plus the projected moment
+    # (r x the larger side): 4 r (m + n + max(m, n)). Downlink: the global ΔW (full size), the
+    # server's basis and moment, and the 1-byte "synced" flag: 4 (mn + r (m + n)) + 1.
+    up = sum(4 * RANK * (m + n + max(m, n)) for m, n in DIMS)
+    down = sum(4 * (m * n + RANK * (m + n)) for m, n in DIMS) + 1
+    assert (metrics["comm/up_bytes_per_client"], metrics["comm/down_bytes_per_client"]) == (
+        up,
+        down,
+    )
 
 
-def test_sync_ajive_aggregate(model, training, by_hand):
+def test_factor_upload_rebuilds_the_rank_r_update(model, training, batches, by_hand):
+    """Client 0's uploaded factors rebuild its full ΔW (the hand-run client's, from ΔW = 0)."""
     _, base = model
-    alg = _build(training, sync="ajive", threshold=0.75)
+    alg = _build(training, sync="none")
+    server, clients = alg.init(jax.random.key(0), base, K)
+    info = RoundInfo(jnp.int32(0), jax.random.key(0), None, K)
+    phase = alg.phases[0]
+    row = {k: jnp.asarray(v[0]) for k, v in batches.items()}
+    key = jax.random.fold_in(jax.random.key(0), 0)
+    upload, _, _ = jax.jit(phase.client_update)(
+        base, phase.broadcast(server, jnp.arange(K), info), jax.tree.map(lambda x: x[0], clients),
+        row, key, info,
+    )  # fmt: skip
+    rebuilt = _flat(rebuild_delta(upload["low"], upload["proj"]))
+    for name, full in _flat(by_hand[0][0]).items():
+        assert np.linalg.matrix_rank(full, tol=1e-6 * np.abs(full).max()) == RANK
+        np.testing.assert_allclose(rebuilt[name], full, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["ajive", "subspace"])
+def test_sync_ajive_and_subspace_aggregate(model, training, by_hand, method):
+    _, base = model
+    alg = _build(training, sync=method, threshold=0.75)
     server0, _ = alg.init(jax.random.key(0), base, K)
     uploads = _stacked(by_hand)
-    info = RoundInfo(jnp.int32(0), jax.random.key(0), None, K)
+    info = RoundInfo(jnp.int32(0), jax.random.key(3), None, K)
     aggregate = jax.jit(alg.phases[0].aggregate)
     server = aggregate(server0, uploads, jnp.asarray(SIZES), jnp.arange(K), info)
-    _check_shared(server, {**uploads, "hand": by_hand}, "ajive")
+    _check_shared(server, {**uploads, "hand": by_hand}, method, info.key)
 
 
 def test_second_round_starts_from_the_shared_moment(model, training, batches):
@@ -202,7 +239,7 @@ def test_second_round_starts_from_the_shared_moment(model, training, batches):
         }
         upload, _, metrics = update(base, payload, state, row, jax.random.key(1), info)
         assert np.isfinite(float(metrics["loss"]))
-        return float(optax.tree.norm(upload["delta"]))
+        return float(optax.tree.norm(rebuild_delta(upload["low"], upload["proj"])))
 
     cold, big_unsynced, big = delta_norm(0.0, False), delta_norm(1e4, False), delta_norm(1e4, True)
     assert big_unsynced == pytest.approx(cold, rel=1e-5)
@@ -216,6 +253,9 @@ def test_second_round_starts_from_the_shared_moment(model, training, batches):
         ({"threshold": 0.0}, "threshold"),
         ({"rank": 0}, "rank"),
         ({"rank": 32}, "rank"),  # k_proj is 64 x 32: the rank must stay below 32
+        ({"update_proj_gap": 1}, "update_proj_gap"),  # local_steps = 2: P would change mid-round
+        ({"signal_rank": 3}, "signal_rank"),  # above rank // 2 = 2
+        ({"sync": "ajive", "rank": 1}, "signal_rank"),  # rank 1 leaves no AJIVE signal rank
     ],
 )
 def test_bad_options_name_the_key(training, change, match):
@@ -232,15 +272,19 @@ def test_wrong_kind_and_persistent_state_are_rejected(training):
     )
     with pytest.raises(ValueError, match="optimizer_state"):
         algorithms.get("fedgalore")(persistent)
+    decay = ClientTraining(model=training.model, adapter=training.adapter, weight_decay=0.1)
+    with pytest.raises(ValueError, match="training.weight_decay"):
+        algorithms.get("fedgalore")(decay)
 
 
 def test_footprint_matches_the_uploaded_shapes(training):
     from fedlora_jax.algorithms.fedgalore import footprint
 
     fp = footprint(training, rank=RANK, targets=TARGETS)
-    assert fp["delta"] == fp["uplink_none"] == sum(4 * m * n for m, n in DIMS)
-    assert fp["uplink"] == sum(4 * (m * n + RANK * (m + n)) for m, n in DIMS)
-    assert fp["downlink"] == fp["uplink"] + 1
+    assert fp["delta"] == fp["downlink_none"] == sum(4 * m * n for m, n in DIMS)
+    assert fp["uplink_none"] == sum(4 * RANK * (m + n) for m, n in DIMS)
+    assert fp["uplink"] == sum(4 * RANK * (m + n + max(m, n)) for m, n in DIMS)
+    assert fp["downlink"] == sum(4 * (m * n + RANK * (m + n)) for m, n in DIMS) + 1
     # clip state is empty; GaLore: mu, nu (4 bytes) and warm flags (1 byte) per projected entry,
     # the projectors, and three int32 scalars (two counters + the lr schedule's count).
     moments = sum(RANK * max(m, n) for m, n in DIMS)

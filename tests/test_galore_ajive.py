@@ -1,7 +1,9 @@
-"""Second-moment change of basis and the AJIVE-style joint subspace (fedlora_jax.optim.ajive)."""
+"""Second-moment change of basis, the projector-subspace method and AJIVE with its Wedin and
+random-direction bounds (fedlora_jax.optim.ajive), against numpy."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,7 +76,7 @@ def test_joint_subspace_recovered_and_individual_parts_discarded():
     projs, nus, joint, joint_nu = _planted(rng)
     w = np.array([1.0, 2.0, 1.0, 3.0])
     basis, shared, kept = ajive.shared_second_moment(
-        jnp.asarray(nus), jnp.asarray(projs), jnp.asarray(w), "right", "ajive"
+        jnp.asarray(nus), jnp.asarray(projs), jnp.asarray(w), "right", "subspace"
     )
     basis, shared = np.asarray(basis), np.asarray(shared)
     assert int(kept) == 2
@@ -110,7 +112,9 @@ def test_left_side_is_the_transpose_and_zero_weight_is_ignored():
     rng = np.random.default_rng(3)
     projs, nus, _, _ = _planted(rng)
     w = jnp.asarray([1.0, 1.0, 1.0, 0.0])
-    b, s, kept = ajive.shared_second_moment(jnp.asarray(nus), jnp.asarray(projs), w, "right")
+    b, s, kept = ajive.shared_second_moment(
+        jnp.asarray(nus), jnp.asarray(projs), w, "right", "subspace"
+    )
     junk_nus, junk_projs = nus.copy(), projs.copy()
     junk_nus[3] = 1e6
     junk_projs[3] = _orthonormal_rows(rng, R, N)
@@ -119,6 +123,7 @@ def test_left_side_is_the_transpose_and_zero_weight_is_ignored():
         jnp.asarray(junk_projs.transpose(0, 2, 1)),
         w,
         "left",
+        "subspace",
     )
     assert int(kept) == int(kl) == 2
     right_form = np.asarray(bl).T  # left-side bases are m x r: the transposed picture
@@ -132,4 +137,97 @@ def test_bad_sync_and_threshold_are_named():
     with pytest.raises(ValueError, match="sync="):
         ajive.shared_second_moment(nus, projs, jnp.ones(2), "right", "median")
     with pytest.raises(ValueError, match="threshold"):
-        ajive.shared_second_moment(nus, projs, jnp.ones(2), "right", threshold=1.5)
+        ajive.shared_second_moment(nus, projs, jnp.ones(2), "right", "subspace", threshold=1.5)
+    with pytest.raises(ValueError, match="AjiveSettings and a PRNG key"):
+        ajive.shared_second_moment(nus, projs, jnp.ones(2), "right", "ajive")
+
+
+# ------------------------------------------------------------------ AJIVE's rank selection
+
+
+def _np_frame(basis: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """py_jive's sample: project a Gaussian draw off the basis, then QR."""
+    return np.linalg.qr(draw - basis @ (basis.T @ draw))[0]
+
+
+def test_bounds_match_numpy_on_a_small_case():
+    rng = np.random.default_rng(5)
+    m, r, s, k, n = 8, 4, 2, 2, 6
+    block = rng.normal(size=(m, r))
+    u_draws, v_draws = rng.normal(size=(n, m, s)), rng.normal(size=(n, r, s))
+    u, d, vh = np.linalg.svd(block, full_matrices=False)
+    want = [
+        min(
+            max(
+                np.linalg.norm(block.T @ _np_frame(u[:, :s], du), ord=2),
+                np.linalg.norm(block @ _np_frame(vh[:s].T, dv), ord=2),
+            )
+            / d[s - 1],
+            1.0,
+        )
+        for du, dv in zip(u_draws, v_draws, strict=True)
+    ]
+    got = ajive.wedin_samples(jnp.asarray(block), s, jnp.asarray(u_draws), jnp.asarray(v_draws))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4)
+    assert min(want) > 0.0 and max(want) <= 1.0
+    draws = rng.normal(size=(n, k + 1, m, s))
+    want_rand = [
+        np.linalg.svd(np.concatenate([np.linalg.qr(z)[0] for z in zs[:k]], axis=1))[1][0] ** 2
+        for zs in draws
+    ]  # the third block is invalid: left out
+    got_rand = ajive.random_direction_samples(jnp.asarray(draws), jnp.asarray([True, True, False]))
+    np.testing.assert_allclose(np.asarray(got_rand), want_rand, rtol=1e-4)
+    assert all(1.0 < v < k for v in want_rand)  # two random 2-frames in R^8 overlap partly
+
+
+def _planted_blocks(rng, joint_rank: int, k: int = 3, m: int = 40, r: int = 8, noise=0.05):
+    """k blocks m x r sharing a rank-``joint_rank`` column space J, each with an individual
+    rank-(4 - joint_rank) part, plus Gaussian noise; all signal singular values in [1, 3]."""
+    basis = np.linalg.qr(rng.normal(size=(m, joint_rank + k * (4 - joint_rank))))[0]
+    joint, blocks = basis[:, :joint_rank], []
+    for i in range(k):
+        lo = joint_rank + i * (4 - joint_rank)
+        cols = np.concatenate([joint, basis[:, lo : lo + 4 - joint_rank]], axis=1)
+        loads = np.linalg.qr(rng.normal(size=(r, 4)))[0] * rng.uniform(1.0, 3.0, 4)
+        blocks.append(cols @ loads.T + noise * rng.normal(size=(m, r)) / np.sqrt(m))
+    return np.stack(blocks), joint
+
+
+@pytest.mark.parametrize("planted", [0, 1, 2, 3])
+def test_ajive_recovers_the_planted_joint_rank(planted):
+    rng = np.random.default_rng(10 + planted)
+    blocks, joint = _planted_blocks(rng, planted)
+    settings = ajive.AjiveSettings(signal_rank=4, samples=300)
+    basis, rank, bounds = ajive.joint_space(
+        jnp.asarray(blocks), jnp.ones(3, bool), settings, jax.random.key(0)
+    )
+    assert int(rank) == planted
+    basis = np.asarray(basis)
+    # The kept columns span J (projectors agree); the dropped columns are zero.
+    np.testing.assert_allclose(basis @ basis.T, joint @ joint.T, atol=1e-2)
+    sv2 = np.asarray(bounds["sv2"])
+    cutoff = float(bounds["cutoff"])
+    assert cutoff == max(float(bounds["wedin"]), float(bounds["random"]))
+    assert np.all(sv2[:planted] > cutoff) and np.all(sv2[planted:] <= cutoff)
+
+
+def test_ajive_ignores_excluded_blocks_and_projects_the_moment():
+    rng = np.random.default_rng(20)
+    blocks, joint = _planted_blocks(rng, 2, k=4)
+    blocks[3] = rng.normal(size=blocks[3].shape) * 1e3  # an excluded client's junk
+    settings = ajive.AjiveSettings(signal_rank=4, samples=300)
+    valid = jnp.asarray([True, True, True, False])
+    _, rank, _ = ajive.joint_space(jnp.asarray(blocks), valid, settings, jax.random.key(1))
+    assert int(rank) == 2
+    # Through shared_second_moment: identical projectors, so the basis change is the identity
+    # and the shared moment is J J^T (weighted mean of the valid blocks), clipped at 0.
+    projs = np.broadcast_to(np.eye(8)[None], (4, 8, 8)).copy()
+    w = jnp.asarray([1.0, 2.0, 1.0, 0.0])
+    _, shared, kept = ajive.shared_second_moment(
+        jnp.asarray(blocks), jnp.asarray(projs), w, "right", "ajive", 0.75, settings,
+        jax.random.key(1),
+    )  # fmt: skip
+    mean = (blocks[0] + 2 * blocks[1] + blocks[2]) / 4
+    want = np.maximum(joint @ (joint.T @ mean), 0.0)
+    assert int(kept) == 2
+    np.testing.assert_allclose(np.asarray(shared), want, atol=2e-2 * np.abs(want).max())
