@@ -33,8 +33,8 @@ def default(cfg: ConfigDict) -> ConfigDict:
     unchanged (global loss 2.3152 -> 2.3138 over 3 rounds, against 2.3125 -> 2.2967 at 2e-3).
     Packed rows (federated.packing, on by default) hold 1.5 examples each, so 3 rows a step
     train more tokens (33.5k over the run) than 4 unpadded rows did (30.5k) on 3/4 of the slots;
-    per-layer remat keeps a step's activations to about 1/12 (XLA's count at batch 4: 0.6 GB
-    instead of 7.3 GB, docs/model.md)."""
+    per-layer remat keeps a step's activations to about 1/12 (XLA's count at batch 4: 601 MiB
+    instead of 7274 MiB, docs/model.md)."""
     cfg = fedlora_optimizer(cfg)
     cfg.eval.every = 1
     cfg.optim.lr = 2e-3
