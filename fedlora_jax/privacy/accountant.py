@@ -89,7 +89,7 @@ def calibrate(m: Mechanism, rounds: int, target_epsilon: float, delta: float) ->
         lambda z: dp_accounting.SelfComposedDpEvent(round_event(m, z), rounds),
         target_epsilon,
         delta,
-        dp_accounting.ExplicitBracketInterval(1e-2, 1e3),
+        dp_accounting.ExplicitBracketInterval(0.3, 100.0),  # below 0.3 PLD is slow, ε huge,
         tol=tol,
     )
     z = float(z) + tol  # Brent's answer is within tol of the boundary, on either side
