@@ -38,7 +38,6 @@ from fedlora_jax.data.validate import (
 )
 
 SOURCES = ("dolly", "natural_instructions", "path")
-DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 NI_FIELDS = {
     "instruction": "definition",
     "context": "input",

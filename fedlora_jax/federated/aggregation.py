@@ -77,10 +77,3 @@ def weighted_mean(uploads: PyTree, weights: Array, key: Array | None = None) -> 
 def fedavg(uploads: PyTree, weights: Array) -> PyTree:
     """FedAvg (McMahan et al. 2017): the data-size-weighted mean of the clients' uploads."""
     return weighted_mean(uploads, weights)
-
-
-def mean(uploads: PyTree, weights: Array | None = None) -> PyTree:
-    """Unweighted mean over the participating clients (weight > 0); all clients when None."""
-    if weights is None:
-        return jax.tree.map(lambda u: jnp.mean(u.astype(jnp.float32), 0).astype(u.dtype), uploads)
-    return weighted_mean(uploads, (jnp.asarray(weights) > 0).astype(jnp.float32))

@@ -225,8 +225,3 @@ def shared_second_moment(
         joint, kept, _ = joint_space(nus_r, jnp.asarray(weights) > 0, settings, key)
         shared = joint @ (joint.T @ shared)  # the joint part of the mean moment
     return _right(basis, side), _right(jnp.maximum(shared, 0.0), side), kept
-
-
-def mean_second_moment(nus: Array, weights: Array) -> Array:
-    """Data-weighted mean of moments already in one common basis (dense-Adam leaves), >= 0."""
-    return jnp.maximum(jnp.einsum("k,k...->...", _normalised(weights), nus), 0.0)
