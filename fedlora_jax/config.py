@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("layer", "dots_saveable"),
-    "federated.backend": ("vmap", "chunked", "shard_map", "mesh"),
+    "federated.backend": ("vmap", "chunked", "shard_map", "mesh", "debug"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.optimizer_state": ("fresh", "persistent"),
     "run.on_no_valid_client": ("error", "stop", "continue"),
@@ -141,6 +141,7 @@ def base_config() -> ConfigDict:
             "backend": "vmap",
             "chunk_size": 2,  # clients per lax.map step for the chunked backend
             "mesh": "",  # backend mesh: e.g. "clients=2,fsdp=4" (docs/scaling.md)
+            "donate": True,  # donate the round state's buffers to the jitted phase (less memory)
             "packing": True,  # several examples per row (data.batches.packed_round_batches)
             # per-client LoRA ranks (algorithms.rank_mask): "" = all at adapter.r, "2,4,8,8",
             # "cycle:2,4,8" or "uniform:2,4,8" (drawn with run.seed)

@@ -65,10 +65,11 @@ CHECKPOINT_DIR = "checkpoints"
 # Keys that may differ between a run and its resumption: where the run lives, how often it
 # checkpoints and evaluates, how long it runs, and what a round with no valid client does. None
 # changes what a round computes. run.seed does (initialisation, client sampling), as does every
-# other key; so does federated.rounds for a builder that takes the run length (``_resumable``).
+# other key; so does federated.rounds for an algorithm whose schedule reads the run length
+# (``_resumable``). Donating buffers changes no number.
 RESUMABLE_CHANGES = (
     "federated.rounds", "run.out_dir", "run.name", "run.tag", "run.on_no_valid_client",
-    "checkpoint.", "eval.every",
+    "checkpoint.", "eval.every", "federated.donate",
 )  # fmt: skip
 
 
@@ -142,6 +143,7 @@ def engine_config(cfg: ConfigDict) -> EngineConfig:
         client_fraction=f.client_fraction or None,
         seed=cfg.run.seed,
         rounds=f.rounds,
+        donate=f.donate,
     )
 
 

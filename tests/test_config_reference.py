@@ -1,0 +1,23 @@
+"""docs/config.md is the generated reference of the current config schema and algorithm options."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_config_reference_page_is_current():
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", REPO / "scripts" / "config_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.reference()
+    assert (
+        "| `federated.backend` | `'vmap'` | str | vmap \\| chunked \\| shard_map \\| debug |"
+        in text
+    )
+    assert "| `fedprox` | `mu` | `0.01` | `float` |" in text
+    assert (REPO / "docs" / "config.md").read_text() == text, "run scripts/config_reference.py"
