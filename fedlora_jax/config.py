@@ -8,6 +8,7 @@ naming the key and its section's valid keys. Config files (``configs/*.py``) onl
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
@@ -81,6 +82,17 @@ BOUNDS: tuple[tuple[str, float, bool], ...] = (
 )
 
 
+def data_section() -> ConfigDict:
+    """The ``data`` keys with DataConfig's own defaults (its ``fields`` mapping a free section)."""
+    section = ConfigDict()
+    for f in dataclasses.fields(DataConfig):
+        if f.name in FREE_SECTIONS:
+            section[f.name] = ConfigDict()
+        else:
+            section[f.name] = f.default
+    return section
+
+
 def base_config() -> ConfigDict:
     """Every key a run reads, with the defaults of the embedded Dolly setting."""
     c = ConfigDict()
@@ -107,29 +119,7 @@ def base_config() -> ConfigDict:
             "init": "default",
         }
     )
-    c.data = ConfigDict(  # the keys of fedlora_jax.data.config.DataConfig (docs/data.md)
-        {
-            "source": "dolly",  # dolly | natural_instructions | path
-            "path": "",  # "" = the dataset shipped with the package
-            "fields": ConfigDict(),  # column names for source=path, e.g. response="output"
-            "include": "",  # comma-separated groups (NI tasks) / categories to keep; "" = all
-            "partition": "dirichlet",
-            "alpha": 0.5,
-            "num_clients": 4,
-            "categories_per_client": 2,
-            "min_client_size": 10,
-            "test_fraction": 0.1,
-            "test_cap": 50,
-            "max_seq_len": 256,
-            "max_prompt_len": 0,
-            "min_response_tokens": 16,
-            "min_instruction_tokens": 16,
-            "template": "alpaca",
-            "on_bad_row": "error",
-            "dedupe": False,
-            "seed": 0,
-        }
-    )
+    c.data = data_section()  # DataConfig's fields and defaults: one set (docs/data.md)
     c.algorithm = ConfigDict({"name": "fedit", "options": ConfigDict()})
     c.federated = ConfigDict(
         {

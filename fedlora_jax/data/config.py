@@ -27,12 +27,12 @@ class DataConfig:
     include: str | Sequence[str] = ""
     partition: str = "dirichlet"
     alpha: float = 0.5
-    num_clients: int = 8
+    num_clients: int = 4
     categories_per_client: int = 2
     min_client_size: int = 10
     test_fraction: float = 0.1
     test_cap: int = 50
-    max_seq_len: int = 512
+    max_seq_len: int = 256
     max_prompt_len: int = 0
     min_response_tokens: int = 16
     min_instruction_tokens: int = 16
