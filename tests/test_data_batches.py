@@ -253,7 +253,7 @@ def test_include_names_unknown_values_in_one_line(tok):
         ({"test_fraction": 1.5}, r"data.test_fraction=1.5: must be in \[0, 1\)"),
         ({"clients": 4}, "data.clients: unknown key; allowed: alpha"),
         ({"partition": "by_column"}, "set data.fields.group"),
-        ({"max_prompt_len": 600}, "data.max_prompt_len=600: must be <= data.max_seq_len=512"),
+        ({"max_prompt_len": 600}, "data.max_prompt_len=600: must be <= data.max_seq_len=256"),
         ({"include": 5}, "data.include=5: must be a comma-separated string of names"),
     ],
 )
