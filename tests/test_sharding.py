@@ -61,9 +61,9 @@ def test_default_rules_split_every_large_leaf():
         "layers/mlp/gate_proj": P(None, "fsdp", None),
         "layers/mlp/up_proj": P(None, "fsdp", None),
         "layers/mlp/down_proj": P(None, None, "fsdp"),
-        "layers/input_norm": P(None, None),
-        "layers/post_attn_norm": P(None, None),
-        "norm": P(None),
+        "layers/input_norm": P(),
+        "layers/post_attn_norm": P(),
+        "norm": P(),
     }
 
 

@@ -46,10 +46,10 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     (r"layers/attn/o_proj", (None, TENSOR, FSDP)),  # [L, heads*hd, d]: row split
     (r"layers/mlp/(gate|up)_proj", (None, FSDP, TENSOR)),  # [L, d, f]
     (r"layers/mlp/down_proj", (None, TENSOR, FSDP)),  # [L, f, d]
-    (r"layers/(input|post_attn)_norm", (None, None)),  # [L, d]: small, replicated
-    (r"norm", (None,)),  # [d]
+    (r"layers/(input|post_attn)_norm", REPLICATE),  # [L, d]: 1.3 MB at 70B (bf16), replicated
+    (r"norm", REPLICATE),  # [d]
 )
-REPLICATE_LIMIT_BYTES = 1 << 20  # 1 MiB: a norm of a 70B model is 1.3 MB in bf16 over 80 layers
+REPLICATE_LIMIT_BYTES = 1 << 20  # 1 MiB: replicating more than that takes an explicit REPLICATE
 
 
 class ShardingError(ValueError):
