@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rows", type=int, default=2000, help="Dolly rows tokenised")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds after the first")
     p.add_argument("--threads", type=int)
+    p.add_argument("--remat", choices=("off", "on"), default="off", help="both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process", action="store_true")
     p.add_argument("--out", type=pathlib.Path)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cell = {
             "hf": cfg.to_hf_dict(), "seed": args.seed, "dtype": "float32", "steps": args.steps,
             "rounds": args.rounds, "device": "cpu", "threads": args.threads, "chunk_size": 2,
-            "init_adapters": str(init_path), "k": k, "remat": False,
+            "init_adapters": str(init_path), "k": k, "remat": args.remat == "on",
             "hp": {n: grid.HP[n] for n in ("lr", "weight_decay", "grad_clip")},
             "lora": {"r": r, "alpha": acfg.alpha, "dropout": 0.0, "targets": "qv",
                      "target_modules": targets},
@@ -183,7 +184,7 @@ def markdown(rows: list[dict], meta: dict, args: argparse.Namespace) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"{'SmolLM2-135M' if args.preset == 'smollm2' else 'stories260K'} shape, "
-        f"K={args.clients}, {args.steps} steps per client, Dolly rows "
+        f"K={args.clients}, {args.steps} steps per client, remat {args.remat}, Dolly rows "
         f"(max {args.seq} tokens), LoRA r=8 q,v, fp32.",
         "",
         "| impl | batches | slots | real tokens | real ÷ slots | round s | first s | real tokens/s "
