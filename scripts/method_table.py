@@ -38,8 +38,11 @@ def training_for(name: str, model: LlamaConfig = LLAMA2_7B, r: int = 8) -> Clien
     return ClientTraining(model=model, adapter=adapter, local_steps=STEPS)
 
 
-def round_bytes(name: str, model: LlamaConfig = LLAMA2_7B, r: int = 8) -> tuple[int, int]:
-    """(down, up) bytes per client per round of ``name`` with its default options, traced."""
+def round_bytes(name: str, model: LlamaConfig = LLAMA2_7B, r: int = 8) -> tuple[int, int, str]:
+    """(down, up, note) bytes per client per round of ``name`` with its default options, from
+    the engine's accounting on the traced payload and upload. ``note`` flags what only a run
+    refines: ``rank`` (clients report per-client ranks: the run counts those, this is the full
+    r) and ``held`` (a phase whose payload the previous round's clients already hold)."""
     alg = get(name)(training_for(name, model, r))
     base = jax.eval_shape(lambda: init_random_base(jax.random.key(0), model, jnp.bfloat16))
     n = 1 if alg.pooled_data else NUM_CLIENTS
@@ -47,6 +50,7 @@ def round_bytes(name: str, model: LlamaConfig = LLAMA2_7B, r: int = 8) -> tuple[
     ids = np.zeros((1,), np.int32)
     config = E.EngineConfig(rounds=10)
     down = up = 0
+    notes = set()
     for p, phase in enumerate(alg.phases):
         shape = (1, phase.steps, BATCH, SEQ)
         batches = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in E.BATCH_KEYS}
@@ -54,7 +58,14 @@ def round_bytes(name: str, model: LlamaConfig = LLAMA2_7B, r: int = 8) -> tuple[
                 np.int32(p), np.ones((1,), np.float32))  # fmt: skip
         d, u = E.comm_bytes(alg, p, config, n, *args)
         down, up = down + d, up + u
-    return (0, 0) if alg.pooled_data else (down, up)
+        metrics = jax.eval_shape(E._phase_core(phase, config, n), *args)[2]
+        if any("_rank/" in key for key in metrics):
+            notes.add("rank")
+        if getattr(phase, "payload_held", False):
+            notes.add("held")
+    if alg.pooled_data:
+        return 0, 0, ""
+    return int(down), int(up), ", ".join(sorted(notes))
 
 
 def placement_summary(name: str) -> tuple[str, str, str]:
@@ -92,15 +103,22 @@ def mb(nbytes: int) -> str:
 def table() -> str:
     rows = [
         "| method | shared (uploaded) | personal (kept) | personal model | up / client / round "
-        "| down / client / round |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| down / client / round | note |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in names():
-        down, up = round_bytes(name)
+        down, up, note = round_bytes(name)
         shared, personal, own = placement_summary(name)
         if personal == "—" and own == "own":
             personal = "a whole adapter copy (client state)"
-        rows.append(f"| `{name}` | {shared} | {personal} | {own} | {mb(up)} | {mb(down)} |")
+        rows.append(
+            f"| `{name}` | {shared} | {personal} | {own} | {mb(up)} | {mb(down)} | {note} |"
+        )
+    rows.append(
+        "\nNote `rank`: the clients report per-client ranks and a run counts each client's "
+        "(e.g. RoLoRA sends one factor a round); the table counts the full traced payload. "
+        "`held`: a run does not count a phase's download the client already holds."
+    )
     return "\n".join(rows)
 
 

@@ -99,6 +99,6 @@ def test_method_table_bytes_match_a_hand_count():
     table = _script("method_table")
     lora = 32 * 2 * 8 * (4096 + 4096) * 4
     b_only = 32 * 2 * 4096 * 8 * 4
-    assert table.round_bytes("fedit") == (lora, lora)
-    assert table.round_bytes("ffa_lora") == (b_only + 8, b_only)
-    assert table.round_bytes("scaffold") == (2 * lora, 2 * lora)
+    assert table.round_bytes("fedit") == (lora, lora, "")
+    assert table.round_bytes("ffa_lora") == (b_only + 8, b_only, "")
+    assert table.round_bytes("scaffold") == (2 * lora, 2 * lora, "")
