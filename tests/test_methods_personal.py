@@ -7,6 +7,8 @@ import gzip
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -76,14 +78,20 @@ def dolly200(tmp_path_factory) -> pathlib.Path:
 
 @pytest.mark.parametrize("name", names())
 def test_every_method_runs_a_smoke_round(name, dolly200, tmp_path, capsys):
-    """One round, the fewest client steps the method allows (Ditto splits 2), a tiny eval."""
+    """One round, the fewest client steps the method allows (Ditto splits 2), a tiny eval.
+
+    Each method runs as the user runs it: ``scripts/train.py`` in its own interpreter (in the
+    full suite's long-lived process, XLA:CPU aborted while compiling one of these rounds — the
+    same rounds pass in a fresh process; not yet root-caused)."""
     steps = 2 if name == "ditto" else 1
     argv = ["--config", SMOKE, "--no_progress", f"--config.run.out_dir={tmp_path}",
             f"--config.algorithm.name={name}", "--config.federated.rounds=1",
             f"--config.federated.local_steps={steps}", "--config.data.source=path",
             f"--config.data.path={dolly200}", "--config.eval.max_examples_per_client=1",
             "--config.eval.max_new_tokens=2", "--config.checkpoint.every=0"]  # fmt: skip
-    assert _script("train").main(argv) == 0, capsys.readouterr().err[-2000:]
+    script = str(REPO / "scripts" / "train.py")
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = tmp_path.iterdir()
     final = json.loads((run_dir / "final_eval.json").read_text())
     loss = final["global"]["metrics"]["loss"] if final.get("global") else None
