@@ -1,10 +1,11 @@
 """Per-round metrics: one JSON line per round in ``metrics.jsonl``, TensorBoard scalars, and a
 printed summary line under a tqdm bar over rounds.
 
-Metrics are flat dicts ``{"train/loss": 2.31, "global/rouge_l": 0.21, "local/rouge_l/mean": ...}``
-(``flatten`` turns the nested eval report into that form) so every sink treats them alike. A
-non-finite number is written as ``null`` (``metrics.jsonl`` stays strict JSON) and left out of
-TensorBoard; list values (``phase/<phase>/excluded``: client ids) go to the JSON line only.
+Metrics are flat dicts such as
+``{"train/loss": 2.31, "global/rouge_l": 0.21, "personal/rouge_l/mean": ...}`` (``flatten``
+turns the nested eval report into that form) so every sink treats them alike. A non-finite
+number is written as ``null`` (``metrics.jsonl`` stays strict JSON) and left out of TensorBoard;
+list values (``phase/<phase>/excluded``: client ids) go to the JSON line only.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _is_number(v: Any) -> bool:
 
 
 def round_line(round_: int, rounds: int, metrics: Mapping[str, float]) -> str:
-    """The one printed line per round: train loss, global and local metrics, bytes up/down."""
+    """The one printed line per round: train loss, global and personal metrics, bytes up/down."""
     parts = [f"round {round_}/{rounds}"]
     train = _pick(metrics, "train/loss")
     if train:
@@ -103,11 +104,10 @@ def round_line(round_: int, rounds: int, metrics: Mapping[str, float]) -> str:
     if glob:
         label = metrics.get("global/label", "global")
         parts.append(label + " " + " ".join(f"{n.split('/')[-1]} {v:.4f}" for n, v in glob))
-    loc = _pick(metrics, "local/rouge_l/mean", "local/rouge_l/worst", "local/loss/mean")
+    loc = _pick(metrics, "personal/rouge_l/mean", "personal/rouge_l/worst", "personal/loss/mean")
     if loc:
-        parts.append(
-            "local " + " ".join(f"{n.split('/', 1)[1].replace('/', ' ')} {v:.4f}" for n, v in loc)
-        )
+        stats = (f"{n.split('/', 1)[1].replace('/', ' ')} {v:.4f}" for n, v in loc)
+        parts.append("personal " + " ".join(stats))
     comm = dict(_pick(metrics, "comm/up_bytes", "comm/down_bytes"))
     if comm:
         parts.append(

@@ -39,9 +39,9 @@ ROUND_COLUMNS: tuple[tuple[str, str], ...] = (
     ("train/loss", "train loss"),
     ("global/rouge_l", "global ROUGE-L"),
     ("global/loss", "global loss"),
-    ("local/rouge_l/mean", "local ROUGE-L mean"),
-    ("local/rouge_l/worst", "local ROUGE-L worst"),
-    ("local/loss/mean", "local loss mean"),
+    ("personal/rouge_l/mean", "personal ROUGE-L mean"),
+    ("personal/rouge_l/worst", "personal ROUGE-L worst"),
+    ("personal/loss/mean", "personal loss mean"),
     ("gain/loss/mean", "loss gain mean (personal − global)"),
     ("comm/up_bytes_per_client", "up bytes/client"),
     ("comm/down_bytes_per_client", "down bytes/client"),
@@ -50,14 +50,16 @@ ROUND_COLUMNS: tuple[tuple[str, str], ...] = (
     ("dp/clip_fraction", "clip fraction"),
     ("dp/clip", "clip norm C"),
 )
-PLOTTED = ("train/loss", "global/rouge_l", "local/rouge_l/mean", "global/loss", "local/loss/mean")
+PLOTTED = (
+    "train/loss", "global/rouge_l", "personal/rouge_l/mean", "global/loss", "personal/loss/mean",
+)  # fmt: skip
 # Final metrics compared across runs (flat keys of the final evaluation report).
 COMPARED: tuple[tuple[str, str], ...] = (
     ("global/metrics/rouge_l", "global ROUGE-L"),
     ("global/metrics/loss", "global loss"),
-    ("local/summary/rouge_l/mean", "local ROUGE-L mean"),
-    ("local/summary/rouge_l/worst", "local ROUGE-L worst"),
-    ("local/summary/loss/mean", "local loss mean"),
+    ("personal/summary/rouge_l/mean", "personal ROUGE-L mean"),
+    ("personal/summary/rouge_l/worst", "personal ROUGE-L worst"),
+    ("personal/summary/loss/mean", "personal loss mean"),
     ("personal_gain/summary/loss/mean", "loss gain mean"),
     ("personal_gain/summary/loss/share_gain", "share of clients that gain (loss)"),
 )
@@ -185,7 +187,7 @@ def write_results(
                         f"alpha={cfg['adapter']['alpha']} targets={cfg['adapter']['targets']}"),
             ("data", f"{cfg['data']['source']} / {cfg['data']['partition']} / "
                      f"{cfg['data']['num_clients']} clients"),
-            ("rounds x local steps", f"{cfg['federated']['rounds']} x "
+            ("rounds x client steps", f"{cfg['federated']['rounds']} x "
                                      f"{cfg['federated']['local_steps']}"),
             ("seed", cfg["run"]["seed"]),
         ]  # fmt: skip

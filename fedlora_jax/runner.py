@@ -13,6 +13,7 @@ Run directory: ``config.json`` (resolved config), ``clients.csv`` (client x cate
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -213,7 +214,7 @@ class RoundBatches:
 
     A round draws ``sum(phase steps) x batch_size`` rows from each sampled client's epoch stream
     (``data.batches.client_round_batches``) and gives the phases consecutive slices of it, so
-    two phases of a round (FedLoRA-Optimizer's global and local) see different rows. A
+    two phases of a round (FedLoRA-Optimizer's global and personal) see different rows. A
     pooled-data algorithm (Centralised) trains client 0 on the union of the clients' rows.
     With ``federated.packing`` the rows are packed (``packed_round_batches``); the first round
     built prints the packing efficiency (real tokens / slots).
@@ -446,33 +447,45 @@ def round_metrics(algorithm: Algorithm, metrics: Mapping[str, Any]) -> dict[str,
 
 
 def eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """``global/<metric>``, ``global/label``, ``local/<metric>/<mean|weighted_mean|worst|std>``
-    and ``gain/<loss|rouge_l>/<mean|std|min|max|share_gain>`` (personalisation gain)."""
+    """``global/<metric>``, ``global/label``, ``personal/<metric>/<mean|weighted_mean|worst|std>``,
+    ``gain/<loss|rouge_l>/<mean|std|min|max|share_gain>`` (personalisation gain) and
+    ``global_test/<metric>`` (the global model on a held-out global test split)."""
     row: dict[str, Any] = {}
     if report.get("global"):
         row.update(flatten(report["global"]["metrics"], "global"))
         row["global/label"] = report["global"].get("label", "global")
-    if report.get("local"):
-        row.update(flatten(report["local"]["summary"], "local"))
+    if report.get("personal"):
+        row.update(flatten(report["personal"]["summary"], "personal"))
     if report.get("personal_gain"):
         row.update(flatten(report["personal_gain"]["summary"], "gain"))
+    if report.get("global_test"):
+        row.update(flatten(report["global_test"]["metrics"], "global_test"))
     return row
 
 
 def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[str, Any]:
-    """The eval harness's global/local report for the models in ``state``."""
+    """The eval harness's global/personal report for the models in ``state``; with a partition
+    that holds out a global test split (Shepherd's 80 rows), also ``global_test``: the global
+    model's metrics on it (None when either is missing)."""
     models = engine_models(setup.algorithm, state, len(setup.data.clients), setup.engine)
     personal = None if models.personal_is_global else models.personal
     tests = client_test_sets(setup.data, cfg.eval.max_examples_per_client)
     sizes = setup.data.weights
-    return evaluate(
-        setup.base, models.global_, personal, tests,
+    score = functools.partial(
+        evaluate, setup.base,
         cfg=setup.model_cfg, adapter_cfg=setup.training.adapter, tokenizer=setup.tokenizer,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-        compute_dtype=jnp.dtype(cfg.model.compute_dtype),
-        client_weights={i: float(s) for i, s in enumerate(sizes)},
-        global_label=models.global_label,
+        compute_dtype=jnp.dtype(cfg.model.compute_dtype), global_label=models.global_label,
     )  # fmt: skip
+    report = score(
+        models.global_, personal, tests, client_weights={i: float(s) for i, s in enumerate(sizes)}
+    )
+    held_out = setup.data.global_test
+    report["global_test"] = None
+    if held_out is not None and models.global_ is not None:
+        examples = from_tokenized(held_out.full, setup.data.examples)
+        report["global_test"] = score(models.global_, None, [examples])["global"]
+    return report
 
 
 def _final_eval(

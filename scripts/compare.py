@@ -2,7 +2,7 @@
 
     python scripts/compare.py runs/*-seed* --out runs/comparison [--group_by algorithm.name]
 
-Runs are grouped by a config key (default ``algorithm.name``); each group's final global/local
+Runs are grouped by a config key (default ``algorithm.name``); each group's final global/personal
 metrics are reported as mean ± std over its runs (e.g. seeds). Writes comparison.md and
 comparison.png into --out.
 """

@@ -1,4 +1,4 @@
-"""Evaluate a run's checkpoint: global and local ROUGE-L / loss report.
+"""Evaluate a run's checkpoint: global and personal ROUGE-L / loss report.
 
     python scripts/evaluate.py --run_dir runs/dolly-default-fedit-seed0 [--round N]
         [--config.eval.max_examples_per_client=0 --config.eval.max_new_tokens=128 ...]

@@ -104,7 +104,7 @@ def test_local_train_equals_python_loop():
 
     def loss_fn(base, params, batch, key):
         loss = jnp.mean((params["w"] * base - batch["x"]) ** 2)
-        return loss, {"loss": loss}
+        return loss, {"loss": loss, "tokens": jnp.int32(batch["x"].size)}
 
     base = jnp.float32(2.0)
     params = {"w": jnp.array([0.5, -1.0, 3.0])}
@@ -123,6 +123,7 @@ def test_local_train_equals_python_loop():
     np.testing.assert_allclose(got["w"], p["w"], rtol=1e-6)
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["loss_first"]), losses[0], rtol=1e-6)
+    assert float(metrics["tokens"]) == 4 * 3  # 4 steps x 3 loss "tokens" each (the aux count)
     np.testing.assert_allclose(float(metrics["loss_last"]), losses[-1], rtol=1e-6)
     np.testing.assert_allclose(float(metrics["grad_norm"]), np.mean(norms), rtol=1e-5)
 

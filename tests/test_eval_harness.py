@@ -158,7 +158,7 @@ def _direct_prediction(cfg, base, adapters, ex, tokenizer) -> str:
 
 def test_report_structure_and_ranges(run, clients_test) -> None:
     report, preds, *_ = run
-    g, loc = report["global"], report["local"]
+    g, loc = report["global"], report["personal"]
     assert g["metrics"]["n_examples"] == 6 and g["n_clients"] == 2
     assert loc["adapter"] == "personal"
     assert sorted(loc["per_client"]) == [0, 1]
@@ -170,7 +170,7 @@ def test_report_structure_and_ranges(run, clients_test) -> None:
     n_resp = [sum(ex.loss_mask) for s in clients_test for ex in s]
     assert g["metrics"]["n_tokens"] == sum(n_resp)
     assert [p["client_id"] for p in preds["global"]] == [0, 0, 0, 1, 1, 1]
-    assert [p["client_id"] for p in preds["local"]] == [0, 0, 0, 1, 1, 1]
+    assert [p["client_id"] for p in preds["personal"]] == [0, 0, 0, 1, 1, 1]
 
 
 def test_losses_match_direct_forward(run, model, adapters, clients_test) -> None:
@@ -183,11 +183,11 @@ def test_losses_match_direct_forward(run, model, adapters, clients_test) -> None
     )
     for i, split in enumerate(clients_test):
         personal_i = jax.tree.map(lambda x, i=i: x[i], personal)
-        assert report["local"]["per_client"][i]["loss"] == pytest.approx(
+        assert report["personal"]["per_client"][i]["loss"] == pytest.approx(
             _direct_loss(cfg, base, personal_i, split), rel=1e-5
         )
     # The adapters differ, so the sections must too (guards against scoring one adapter twice).
-    assert report["local"]["per_client"][0]["loss"] != report["global"]["metrics"]["loss"]
+    assert report["personal"]["per_client"][0]["loss"] != report["global"]["metrics"]["loss"]
 
 
 def test_generations_match_unbatched_generate(run, model, adapters, clients_test, tokenizer):
@@ -198,7 +198,7 @@ def test_generations_match_unbatched_generate(run, model, adapters, clients_test
     for ex, rec in zip(every, preds["global"], strict=True):
         assert rec["prediction"] == _direct_prediction(cfg, base, glob, ex, tokenizer)
     personal_1 = jax.tree.map(lambda x: x[1], personal)
-    for ex, rec in zip(clients_test[1], preds["local"][3:], strict=True):
+    for ex, rec in zip(clients_test[1], preds["personal"][3:], strict=True):
         assert rec["prediction"] == _direct_prediction(cfg, base, personal_1, ex, tokenizer)
 
 
@@ -222,15 +222,15 @@ def test_vmapped_personal_equals_per_client_loop(run, model, adapters, clients_t
             cfg=cfg, adapter_cfg=ADAPTER, tokenizer=tokenizer, max_new_tokens=MAX_NEW,
             batch_size=2, return_predictions=True,
         )  # fmt: skip
-        got, want = report["local"]["per_client"][i], alone["local"]["per_client"][0]
+        got, want = report["personal"]["per_client"][i], alone["personal"]["per_client"][0]
         floats = ("loss", "perplexity")  # float reassociation between the two programs
         for k in floats:
             assert got[k] == pytest.approx(want[k], rel=1e-5)
         assert {k: v for k, v in got.items() if k not in floats} == {
             k: v for k, v in want.items() if k not in floats
         }
-        mine = [r["prediction"] for r in preds["local"] if r["client_id"] == i]
-        assert mine == [r["prediction"] for r in alone_preds["local"]]
+        mine = [r["prediction"] for r in preds["personal"] if r["client_id"] == i]
+        assert mine == [r["prediction"] for r in alone_preds["personal"]]
 
 
 def test_without_personal_local_is_global(run, model, adapters, clients_test, tokenizer) -> None:
@@ -239,17 +239,17 @@ def test_without_personal_local_is_global(run, model, adapters, clients_test, to
     kwargs = dict(cfg=cfg, adapter_cfg=ADAPTER, tokenizer=tokenizer, max_new_tokens=MAX_NEW,
                   batch_size=2)  # fmt: skip
     report = evaluate(base, glob, None, clients_test, **kwargs)
-    assert report["local"]["adapter"] == "global"
+    assert report["personal"]["adapter"] == "global"
     assert report["global"] == run[0]["global"]
     g = report["global"]["metrics"]
     # data-weighted mean over clients of the global adapter = the example-weighted global mean
-    assert report["local"]["summary"]["rouge_l"]["weighted_mean"] == pytest.approx(g["rouge_l"])
+    assert report["personal"]["summary"]["rouge_l"]["weighted_mean"] == pytest.approx(g["rouge_l"])
     # "personal = global" is the algorithm's flag (personal None), never an array comparison: the
     # global adapter replicated per client is scored as personal adapters, with the same numbers.
     replicated = jax.tree.map(lambda x: jnp.stack([x, x]), glob)
     as_personal = evaluate(base, glob, replicated, clients_test, **kwargs)
-    assert as_personal["local"]["adapter"] == "personal"
-    assert as_personal["local"]["summary"] == report["local"]["summary"]
+    assert as_personal["personal"]["adapter"] == "personal"
+    assert as_personal["personal"]["summary"] == report["personal"]["summary"]
 
 
 def test_local_only_has_no_global(run, model, adapters, clients_test, tokenizer) -> None:
@@ -258,7 +258,7 @@ def test_local_only_has_no_global(run, model, adapters, clients_test, tokenizer)
     report = evaluate(base, None, personal, clients_test, cfg=cfg, adapter_cfg=ADAPTER,
                       tokenizer=tokenizer, max_new_tokens=MAX_NEW, batch_size=2)  # fmt: skip
     assert report["global"] is None
-    assert report["local"] == run[0]["local"]
+    assert report["personal"] == run[0]["personal"]
 
 
 def test_bad_inputs_have_clear_errors(model, adapters, clients_test, tokenizer) -> None:

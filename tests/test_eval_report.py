@@ -37,7 +37,7 @@ def test_global_is_example_weighted(report: dict) -> None:
 
 
 def test_local_per_client(report: dict) -> None:
-    pc = report["local"]["per_client"]
+    pc = report["personal"]["per_client"]
     assert sorted(pc) == [0, 1, 2]
     assert [pc[i]["rouge_l"] for i in range(3)] == pytest.approx([0.3, 0.9, 0.2])
     assert [pc[i]["loss"] for i in range(3)] == pytest.approx([6 / 4, 1 / 4, 9 / 9])
@@ -45,7 +45,7 @@ def test_local_per_client(report: dict) -> None:
 
 
 def test_local_summary_by_hand(report: dict) -> None:
-    s = report["local"]["summary"]
+    s = report["personal"]["summary"]
     r = s["rouge_l"]  # per client 0.3, 0.9, 0.2 with 2, 1, 3 examples
     assert r["mean"] == pytest.approx(1.4 / 3)
     assert r["weighted_mean"] == pytest.approx((2 * 0.3 + 0.9 + 3 * 0.2) / 6)
@@ -65,13 +65,13 @@ def test_local_summary_by_hand(report: dict) -> None:
 def test_client_weights_override() -> None:
     rep = build_report(None, SCORES, client_weights={0: 1, 1: 1, 2: 2})
     assert rep["global"] is None
-    assert rep["local"]["summary"]["rouge_l"]["weighted_mean"] == pytest.approx(1.6 / 4)
+    assert rep["personal"]["summary"]["rouge_l"]["weighted_mean"] == pytest.approx(1.6 / 4)
     with pytest.raises(ValueError, match="no entry for clients \\[2\\]"):
         build_report(None, SCORES, client_weights={0: 1, 1: 1})
 
 
 def test_by_category(report: dict) -> None:
-    for section in ("global", "local"):
+    for section in ("global", "personal"):
         cats = report[section]["by_category"]
         assert sorted(cats) == ["qa", "sum"]
         assert cats["qa"]["rouge_l"] == pytest.approx(1.5 / 3)  # 0.2, 0.9, 0.4
@@ -83,10 +83,10 @@ def test_by_category(report: dict) -> None:
 
 def test_report_is_json_ready_and_validates(report: dict) -> None:
     json.dumps(report)
-    assert report["local"]["adapter"] == "personal"
-    assert build_report(None, SCORES, local_adapter="global")["local"]["adapter"] == "global"
-    with pytest.raises(ValueError, match="local_adapter='mine'; allowed: personal, global"):
-        build_report(None, SCORES, local_adapter="mine")
+    assert report["personal"]["adapter"] == "personal"
+    assert build_report(None, SCORES, personal_adapter="global")["personal"]["adapter"] == "global"
+    with pytest.raises(ValueError, match="personal_adapter='mine'; allowed: personal, global"):
+        build_report(None, SCORES, personal_adapter="mine")
     with pytest.raises(ValueError, match="empty"):
         build_report([], None)
 
@@ -96,10 +96,10 @@ def test_render_markdown_shows_the_numbers(report: dict) -> None:
     lines = md.splitlines()
     glob = next(line for line in lines if line.startswith("| global |"))
     assert "0.3500" in glob and f"{16 / 17:.4f}" in glob
-    worst = next(line for line in lines if "local (personal adapter) worst" in line)
+    worst = next(line for line in lines if "personal (personal adapter) worst" in line)
     assert "| 0.2000 |" in worst and "| 1.5000 |" in worst
     assert any(line.startswith("| qa | 0.5000 | 0.6667 | 0.5000 | 0.6667 |") for line in lines)
     assert "| 1 | 1 | 0.9000 | 1.0000 | 0.2500 |" in md
-    only_local = render_markdown(build_report(None, SCORES, local_adapter="global"))
-    assert "| global |" not in only_local and "local (global adapter) mean" in only_local
-    assert render_markdown({"global": None, "local": None}) == "_no evaluation results_\n"
+    only_personal = render_markdown(build_report(None, SCORES, personal_adapter="global"))
+    assert "| global |" not in only_personal and "personal (global adapter) mean" in only_personal
+    assert render_markdown({"global": None, "personal": None}) == "_no evaluation results_\n"

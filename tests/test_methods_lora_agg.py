@@ -320,6 +320,6 @@ def test_smoke_round_through_train_script(name, read_shipped_lines, tmp_path):
     assert code == 0
     final = json.loads((tmp_path / f"dolly-smoke-{name}-seed0" / "final_eval.json").read_text())
     g = final["global"]["metrics"]["loss"]
-    p = final["local"]["summary"]["loss"]["mean"]
+    p = final["personal"]["summary"]["loss"]["mean"]
     print(f"SMOKE {name}: global loss {g:.4f}, personal loss {p:.4f}")
     assert np.isfinite(g) and np.isfinite(p)

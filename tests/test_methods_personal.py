@@ -95,7 +95,7 @@ def test_every_method_runs_a_smoke_round(name, dolly200, tmp_path, capsys):
     (run_dir,) = tmp_path.iterdir()
     final = json.loads((run_dir / "final_eval.json").read_text())
     loss = final["global"]["metrics"]["loss"] if final.get("global") else None
-    personal = final["local"]["summary"] if final.get("local") else None
+    personal = final["personal"]["summary"] if final.get("personal") else None
     with capsys.disabled():
         print(f"\n[smoke] {name}: final global {loss} personal {personal}")
     assert loss is None or np.isfinite(loss)

@@ -52,11 +52,11 @@ def test_gain_by_hand() -> None:
 
 
 def test_personal_is_global_gain_is_exactly_zero() -> None:
-    gain = build_report(GLOBAL, GLOBAL, local_adapter="global")["personal_gain"]
+    gain = build_report(GLOBAL, GLOBAL, personal_adapter="global")["personal_gain"]
     assert gain["personal_is_global"]
     assert all(v == 0.0 for g in gain["per_client"].values() for v in g.values())
     assert gain["summary"]["loss"]["share_gain"] == 0.0
-    report = build_report(GLOBAL, GLOBAL, local_adapter="global")
+    report = build_report(GLOBAL, GLOBAL, personal_adapter="global")
     assert "exactly 0" in render_markdown(json.loads(json.dumps(report)))
 
 

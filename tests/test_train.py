@@ -61,7 +61,7 @@ def test_run_dir_has_every_artifact(full_run) -> None:
     assert saved["adapter"]["kind"] == "lora"  # "auto" resolved for FedIT
     rows = read_metrics(d)
     assert [r["round"] for r in rows] == [1, 2]
-    for key in ("train/loss", "global/rouge_l", "local/rouge_l/mean", "comm/up_bytes",
+    for key in ("train/loss", "global/rouge_l", "personal/rouge_l/mean", "comm/up_bytes",
                 "time/round_cpu_s"):  # fmt: skip
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[0]["comm/up_bytes"] > 0

@@ -41,13 +41,13 @@ def test_flatten_keeps_numbers_only() -> None:
 def test_round_line_has_loss_metrics_and_bytes() -> None:
     line = round_line(
         2, 5,
-        {"train/loss": 1.23456, "global/rouge_l": 0.25, "local/rouge_l/mean": 0.3,
-         "local/rouge_l/worst": 0.1, "comm/up_bytes": 2_500_000, "comm/down_bytes": 5_000_000,
+        {"train/loss": 1.23456, "global/rouge_l": 0.25, "personal/rouge_l/mean": 0.3,
+         "personal/rouge_l/worst": 0.1, "comm/up_bytes": 2_500_000, "comm/down_bytes": 5_000_000,
          "time/round_s": 3.21},
     )  # fmt: skip
     assert line == (
         "round 2/5 | train loss 1.2346 | global rouge_l 0.2500 | "
-        "local rouge_l mean 0.3000 rouge_l worst 0.1000 | up 2.50 MB down 5.00 MB | 3.2 s"
+        "personal rouge_l mean 0.3000 rouge_l worst 0.1000 | up 2.50 MB down 5.00 MB | 3.2 s"
     )
 
 

@@ -29,6 +29,7 @@ from fedlora_jax.model.config import LlamaConfig
 
 PyTree = Any
 Array = jax.Array
+# (base, adapters, batch, dropout key) -> (loss, aux); aux["tokens"] counts the loss tokens.
 LossFn = Callable[[PyTree, PyTree, Mapping[str, Array], Array], tuple[Array, dict[str, Array]]]
 
 LABELS = ("shared", "personal", "frozen")
@@ -209,8 +210,9 @@ def local_train(
     """Run ``steps`` optimizer steps as one ``lax.scan`` (batches leaves are [steps, batch, seq]).
 
     ``grad_correction`` maps each step's gradients before the optimizer (SCAFFOLD's
-    ``g − c_i + c``). Metrics: mean / first / last loss over the steps and the mean trainable
-    gradient norm (before clipping and correction). Step s uses dropout key ``fold_in(key, s)``.
+    ``g − c_i + c``). Metrics: mean / first / last loss over the steps, the mean trainable
+    gradient norm (before clipping and correction) and ``tokens``, the loss tokens trained on (the
+    loss function's aux count, summed over the steps). Step s uses dropout key ``fold_in(key, s)``.
     """
     label_tree = labels(params) if callable(labels) else labels
     steps = jax.tree.leaves(batches)[0].shape[0]
@@ -219,12 +221,13 @@ def local_train(
     def step(carry: tuple[PyTree, PyTree], xs: tuple) -> tuple[tuple[PyTree, PyTree], tuple]:
         p, s = carry
         batch, i = xs
-        (loss, _), grads = grad_fn(base, p, batch, jax.random.fold_in(key, i))
+        (loss, aux), grads = grad_fn(base, p, batch, jax.random.fold_in(key, i))
         used = grads if grad_correction is None else grad_correction(grads)
         updates, s = tx.update(used, s, p)
-        return (optax.apply_updates(p, updates), s), (loss, trainable_norm(grads, label_tree))
+        stats = (loss, trainable_norm(grads, label_tree), aux["tokens"])
+        return (optax.apply_updates(p, updates), s), stats
 
-    (params, opt_state), (losses, norms) = jax.lax.scan(
+    (params, opt_state), (losses, norms, tokens) = jax.lax.scan(
         step, (params, opt_state), (dict(batches), jnp.arange(steps))
     )
     metrics = {
@@ -232,5 +235,6 @@ def local_train(
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "grad_norm": jnp.mean(norms),
+        "tokens": jnp.sum(tokens).astype(jnp.float32),
     }
     return params, opt_state, metrics

@@ -1,4 +1,4 @@
-"""Evaluation: batched greedy generation, ROUGE-L / exact match / response loss, global and local
+"""Evaluation: batched greedy generation, ROUGE-L / exact match / response loss, global and personal
 reports."""
 
 from fedlora_jax.eval.harness import EvalExample, as_example, evaluate, from_tokenized

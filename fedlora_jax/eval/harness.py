@@ -311,13 +311,13 @@ def evaluate(
     return_predictions: bool = False,
     global_label: str = "global",
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, list[dict[str, Any]] | None]]:
-    """The global/local report (see ``report.build_report``) for one round's models.
+    """The global/personal report (see ``report.build_report``) for one round's models.
 
     ``clients_test[i]`` is client i's test split; ``personal_adapters`` leaves carry a leading
-    client axis of that length. Global = ``global_adapters`` on the union of the splits; local =
+    client axis of that length. Global = ``global_adapters`` on the union of the splits; personal =
     personal adapter i on split i, or, when ``personal_adapters`` is None (the algorithm's
     ``Models.personal_is_global``: FedIT, FFA-LoRA, Centralised), the global adapter on each
-    split, recorded as ``local.adapter = "global"``; arrays are never compared. Pass ``{}`` as
+    split, recorded as ``personal.adapter = "global"``; arrays are never compared. Pass ``{}`` as
     ``global_adapters`` to evaluate the base model.
     ``eos_ids`` defaults to ``cfg.eos_ids``; ``pad_id`` to ``cfg.pad_token_id``, else the first
     EOS id (pads are masked out either way). With ``return_predictions`` also returns the decoded
@@ -377,13 +377,13 @@ def evaluate(
     done = {name: _collect(p, every, owners, lanes, setup) for name, (lanes, p) in jobs.items()}
     global_scores, global_preds = done.get("global", (None, None))
     if personal_adapters is None:
-        local_scores, local_preds, local_adapter = global_scores, global_preds, "global"
+        personal_scores, personal_preds, personal_adapter = global_scores, global_preds, "global"
     else:
-        (local_scores, local_preds), local_adapter = done["personal"], "personal"
+        (personal_scores, personal_preds), personal_adapter = done["personal"], "personal"
     report = build_report(
         global_scores,
-        local_scores,
-        local_adapter=local_adapter,
+        personal_scores,
+        personal_adapter=personal_adapter,
         client_weights=client_weights,
         global_label=global_label,
     )
@@ -391,6 +391,6 @@ def evaluate(
         return report
     predictions = {
         "global": None if global_scores is None else _records(global_scores, global_preds, every),
-        "local": _records(local_scores, local_preds, every),
+        "personal": _records(personal_scores, personal_preds, every),
     }
     return report, predictions

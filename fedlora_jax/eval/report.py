@@ -1,11 +1,11 @@
-"""Global and local evaluation reports from per-example scores (pure; no model, no I/O).
+"""Global and personal evaluation reports from per-example scores (pure; no model, no I/O).
 
 *Global*: the global adapter on the union of all clients' test splits, every example weighted
 equally (loss: every response token weighted equally).
 *Local*: each client's personal adapter on its own test split, summarised over clients as the
 plain mean, the data-weighted mean (weights: the clients' test-example counts unless given), the
 worst client and the population std (ddof=0) — the spread a user of a random client sees.
-*Personalisation gain*: per client, the local (personal) score minus the global model's score on
+*Personalisation gain*: per client, the personal model's score minus the global model's score on
 the SAME test rows (the global section scores the union of the splits, so client i's rows of it
 are exactly its split), and its spread over clients. Loss is primary; a negative loss gain and a
 positive ROUGE-L gain mean the personal model is better.
@@ -92,14 +92,16 @@ def across_clients(
 
 
 def personal_gain(
-    global_scores: Sequence[ExampleScore], local_scores: Sequence[ExampleScore], local_adapter: str
+    global_scores: Sequence[ExampleScore],
+    personal_scores: Sequence[ExampleScore],
+    personal_adapter: str,
 ) -> dict[str, Any]:
     """Per client ``personal − global`` of each of ``GAIN_METRICS`` on the client's own rows, and
     over clients: mean, std (ddof=0), min, max and ``share_gain`` (the share of clients whose
     personal model is strictly better). When the personal model is the global one
-    (``local_adapter == "global"``) every gain is exactly 0 and nothing is recomputed."""
-    mine = _by_key(local_scores, "client_id")
-    if local_adapter == "global":
+    (``personal_adapter == "global"``) every gain is exactly 0 and nothing is recomputed."""
+    mine = _by_key(personal_scores, "client_id")
+    if personal_adapter == "global":
         per_client = {cid: dict.fromkeys(GAIN_METRICS, 0.0) for cid in mine}
     else:
         theirs = _by_key(global_scores, "client_id")
@@ -126,7 +128,7 @@ def personal_gain(
         }
     return {
         "definition": "personal − global on each client's test rows (loss: < 0 = personal better)",
-        "personal_is_global": local_adapter == "global",
+        "personal_is_global": personal_adapter == "global",
         "summary": summary,
         "per_client": per_client,
     }
@@ -134,24 +136,25 @@ def personal_gain(
 
 def build_report(
     global_scores: Sequence[ExampleScore] | None,
-    local_scores: Sequence[ExampleScore] | None,
+    personal_scores: Sequence[ExampleScore] | None,
     *,
-    local_adapter: str = "personal",
+    personal_adapter: str = "personal",
     client_weights: Mapping[int, float] | None = None,
     global_label: str = "global",
 ) -> dict[str, Any]:
-    """The report as a plain (JSON-ready) dict with sections ``global``, ``local`` and
+    """The report as a plain (JSON-ready) dict with sections ``global``, ``personal`` and
     ``personal_gain`` (None unless both others exist).
 
-    A section is None when its scores are None (Local-only has no global model). ``local_adapter``
-    records which adapter produced the local scores: "personal", or "global" when the method has
-    no personal model (FedIT, Centralised) and the global adapter was scored per client.
+    A section is None when its scores are None (Local-only has no global model).
+    ``personal_adapter`` records which adapter produced the personal scores: "personal", or
+    "global" when the method has no personal model (FedIT, Centralised) and the global adapter
+    was scored per client.
     ``client_weights`` (e.g. train-set sizes) override the test-example counts in the weighted
     mean. ``global_label`` (``Models.global_label``) names the global model in every printout.
     """
-    if local_adapter not in ("personal", "global"):
-        raise ValueError(f"local_adapter={local_adapter!r}; allowed: personal, global")
-    report: dict[str, Any] = {"global": None, "local": None, "personal_gain": None}
+    if personal_adapter not in ("personal", "global"):
+        raise ValueError(f"personal_adapter={personal_adapter!r}; allowed: personal, global")
+    report: dict[str, Any] = {"global": None, "personal": None, "personal_gain": None}
     if global_scores is not None:
         report["global"] = {
             "label": global_label,
@@ -159,20 +162,20 @@ def build_report(
             "n_clients": len({s.client_id for s in global_scores}),
             "by_category": by_category(global_scores),
         }
-    if local_scores is not None:
-        per_client = {cid: summarise(g) for cid, g in _by_key(local_scores, "client_id").items()}
+    if personal_scores is not None:
+        per_client = {cid: summarise(g) for cid, g in _by_key(personal_scores, "client_id").items()}
         weights = client_weights or {cid: m["n_examples"] for cid, m in per_client.items()}
         missing = sorted(set(per_client) - set(weights))
         if missing:
             raise ValueError(f"client_weights has no entry for clients {missing}")
-        report["local"] = {
-            "adapter": local_adapter,
+        report["personal"] = {
+            "adapter": personal_adapter,
             "summary": across_clients(per_client, weights),
             "per_client": per_client,
-            "by_category": by_category(local_scores),
+            "by_category": by_category(personal_scores),
         }
-    if global_scores is not None and local_scores is not None:
-        report["personal_gain"] = personal_gain(global_scores, local_scores, local_adapter)
+    if global_scores is not None and personal_scores is not None:
+        report["personal_gain"] = personal_gain(global_scores, personal_scores, personal_adapter)
     return report
 
 
@@ -200,16 +203,21 @@ def gain_table(gain: Mapping[str, Any], global_label: str = "global") -> list[st
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """Markdown tables: summary (global and local statistics), per category, per client."""
+    """Markdown tables: summary (global and personal statistics), per category, per client."""
     names = list(METRICS)
     header = ["model", *names]
     rows: list[list[str]] = []
-    glob, loc = report.get("global"), report.get("local")
+    glob, loc = report.get("global"), report.get("personal")
     glabel = glob.get("label", "global") if glob is not None else "global"
     if glob is not None:
         rows.append([glabel, *(_fmt(glob["metrics"][n]) for n in names)])
+    held_out = report.get("global_test")
+    if held_out is not None:
+        rows.append(
+            [f"{glabel} on the global test split", *(_fmt(held_out["metrics"][n]) for n in names)]
+        )
     if loc is not None:
-        label = f"local ({loc['adapter']} adapter)"
+        label = f"personal ({loc['adapter']} adapter)"
         for stat in ("mean", "weighted_mean", "worst", "std"):
             rows.append([f"{label} {stat}", *(_fmt(loc["summary"][n][stat]) for n in names)])
     if not rows:
@@ -219,7 +227,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if gain is not None:
         lines += ["", *gain_table(gain, glabel)]
 
-    sections = [(tag, sec["by_category"]) for tag, sec in ((glabel, glob), ("local", loc)) if sec]
+    sections = [
+        (tag, sec["by_category"]) for tag, sec in ((glabel, glob), ("personal", loc)) if sec
+    ]
     cats = sorted({c for _, per_cat in sections for c in per_cat})
     cat_header = ["category"] + [f"{tag} {n}" for tag, _ in sections for n in ("rouge_l", "loss")]
     cat_rows = []
