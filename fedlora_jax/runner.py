@@ -549,7 +549,7 @@ def _prepare_run_dir(run_dir: pathlib.Path, cfg: ConfigDict, resume: bool) -> No
                 "start the run"
             )
         allowed = _resumable(cfg)
-        changed = _changed_keys(_read_config(saved_path), config_lib.to_dict(cfg), allowed)
+        changed = _changed_keys(_saved_config(saved_path), config_lib.to_dict(cfg), allowed)
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from {saved_path} in {', '.join(changed)}; "
@@ -593,6 +593,15 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
             f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); it is the "
             "run's saved config: restore it, or start a new run elsewhere"
         ) from None
+
+
+def _saved_config(path: pathlib.Path) -> dict[str, Any]:
+    """The saved config on today's schema: a key added since the run was saved reads as its
+    default (so it counts as changed only when this run sets it to something else)."""
+    try:
+        return config_lib.to_dict(config_lib.from_dict(_read_config(path)))
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {path}: {e}") from None
 
 
 def _write_config(run_dir: pathlib.Path, cfg: ConfigDict) -> None:

@@ -120,6 +120,25 @@ def test_resume_refuses_a_changed_seed(setup, copied: pathlib.Path) -> None:
     assert saved.read_bytes() == before
 
 
+def test_resume_a_run_saved_before_a_key_existed(setup, copied: pathlib.Path) -> None:
+    """A config saved by an older version lacks keys added since: they read as the schema's
+    defaults, so the run resumes; setting such a key to another value is a change."""
+    saved = copied / RUN_NAME / "config.json"
+    old = json.loads(saved.read_text())
+    assert old["federated"].pop("packing") is True  # as if saved before federated.packing
+    saved.write_text(json.dumps(old))
+    # adapter.kind as run() resolves it before the check ("auto" -> lora for FedIT)
+    cfg = _cfg(copied, f"run.name={RUN_NAME}", "federated.rounds=3", "adapter.kind=lora")
+    runner._prepare_run_dir(copied / RUN_NAME, cfg, resume=True)  # no error
+    unpacked = _cfg(copied, f"run.name={RUN_NAME}", "adapter.kind=lora", "federated.packing=False")
+    with pytest.raises(ConfigError, match=r"differs from .*config.json in federated.packing;"):
+        runner._prepare_run_dir(copied / RUN_NAME, unpacked, resume=True)
+    old["federated"]["retired_key"] = 1  # a key this version no longer has
+    saved.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"--resume: .*config.json: unknown config key "):
+        runner._prepare_run_dir(copied / RUN_NAME, cfg, resume=True)
+
+
 def test_rounds_may_not_change_when_the_schedule_depends_on_them(tmp_path) -> None:
     final = ("algorithm.name=fedlora_optimizer", "algorithm.options.local_phase=final")
     assert "federated.rounds" not in runner._resumable(_cfg(tmp_path, *final))
