@@ -52,7 +52,7 @@ class ClientTraining:
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     optimizer_state: str = "fresh"  # fresh (new AdamW each round) | persistent (kept per client)
     compute_dtype: str = "float32"  # float32 | bfloat16
-    remat: bool = False
+    remat: bool | str = False  # False | True (= "layer") | "dots_saveable": model.llama._remat
 
 
 def validate_training(training: ClientTraining) -> None:
