@@ -19,7 +19,9 @@ class DataConfig:
     """Every ``data.*`` key (see docs/data.md). ``path=""`` = the copy shipped in the package;
     ``max_prompt_len=0`` = ``max_seq_len``; ``num_clients=0`` with by_task/by_column = one
     client per group. ``include`` (comma-separated or a sequence; "" = all) keeps only the rows
-    whose group or category is listed, before partitioning; stored as a tuple of names."""
+    whose group or category is listed, before partitioning; stored as a tuple of names.
+    ``val_fraction`` carves a validation split out of each client's training rows (0 = none),
+    for choosing hyperparameters without looking at the test split (docs/protocol.md)."""
 
     source: str = "dolly"
     path: str = ""
@@ -32,6 +34,7 @@ class DataConfig:
     min_client_size: int = 10
     test_fraction: float = 0.1
     test_cap: int = 50
+    val_fraction: float = 0.0
     max_seq_len: int = 256
     max_prompt_len: int = 0
     min_response_tokens: int = 16
@@ -73,6 +76,8 @@ class DataConfig:
             raise DataError(f"data.alpha={self.alpha!r}: must be a number > 0")
         if not (isinstance(self.test_fraction, int | float) and 0 <= self.test_fraction < 1):
             raise DataError(f"data.test_fraction={self.test_fraction!r}: must be in [0, 1)")
+        if not (isinstance(self.val_fraction, int | float) and 0 <= self.val_fraction < 1):
+            raise DataError(f"data.val_fraction={self.val_fraction!r}: must be in [0, 1)")
         if self.max_prompt_len > self.max_seq_len:
             raise DataError(
                 f"data.max_prompt_len={self.max_prompt_len}: must be <= "

@@ -2,7 +2,8 @@
 
 Order: load and validate -> keep the ``data.include`` groups/categories -> partition (on the
 validated rows, so a partition does not move when the tokenizer or max_seq_len changes) ->
-per-client train/test split -> tokenise every needed row once -> drop rows that cannot fit
+per-client train/test split -> validation carve-out of the train part (``data.val_fraction``) ->
+tokenise every needed row once -> drop rows that cannot fit
 (counted). The table describes the partition itself.
 """
 
@@ -34,13 +35,15 @@ class EvalSplit:
 
 @dataclasses.dataclass(frozen=True)
 class ClientData:
-    """One client's data; ``train`` feeds ``client_round_batches``."""
+    """One client's data; ``train`` feeds ``client_round_batches``; ``val`` (None when
+    ``data.val_fraction`` is 0) is held out of ``train`` for choosing hyperparameters."""
 
     client_id: int
     name: str
     train_rows: np.ndarray
     train: TokenizedSet
     test: EvalSplit
+    val: EvalSplit | None = None
 
     @property
     def num_train(self) -> int:
@@ -130,6 +133,31 @@ def _partition(cfg: DataConfig, examples: list[Example]) -> tuple[P.Partition, n
     return P.by_group(groups, cfg.num_clients, seed=cfg.seed), None
 
 
+def validation_split(
+    rows: np.ndarray, *, val_fraction: float, seed: int, client_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) of one client's training rows: ``round(val_fraction * n)`` rows (at
+    least one when the fraction is positive and n >= 2; train never empty), drawn from a seeded
+    stream apart from the test split's, so the test rows do not depend on ``val_fraction``."""
+    n = len(rows)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, n - 1) if n else 0
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 2, client_id])).permutation(n)
+    rows = np.asarray(rows, np.int64)
+    return np.sort(rows[perm[n_val:]]), np.sort(rows[perm[:n_val]])
+
+
+def validation_view(data: FederatedData) -> FederatedData:
+    """``data`` with each client's validation split in place of its test split, so the
+    evaluation that scores the test split (``runner.evaluate_state``) scores validation."""
+    if any(c.val is None for c in data.clients):
+        raise DataError("data.val_fraction=0: no validation split; set data.val_fraction > 0")
+    clients = [dataclasses.replace(c, test=c.val) for c in data.clients]
+    return dataclasses.replace(data, clients=clients)
+
+
 def prepare_federated_data(
     data_cfg: DataConfig | Mapping[str, Any], tokenizer: Any, *, verbose: bool = True
 ) -> FederatedData:
@@ -151,8 +179,14 @@ def prepare_federated_data(
         )
         for k, rows in enumerate(parts)
     ]
+    carved = [
+        validation_split(train, val_fraction=cfg.val_fraction, seed=cfg.seed, client_id=k)
+        for k, (train, _) in enumerate(splits)
+    ]
     eval_rows = np.concatenate(
-        [s[1] for s in splits] + ([global_rows] if global_rows is not None else [])
+        [s[1] for s in splits]
+        + [v for _, v in carved]
+        + ([global_rows] if global_rows is not None else [])
     )
     tok = {
         "template": cfg.template,
@@ -174,13 +208,16 @@ def prepare_federated_data(
         return EvalSplit(ok, full.select_rows(ok), prompts.select_rows(ok))
 
     clients = []
-    for k, (train_rows, test_rows) in enumerate(splits):
+    for k, ((_, test_rows), (train_rows, val_rows)) in enumerate(zip(splits, carved, strict=True)):
         train = full.select_rows(train_rows)
         if len(train) == 0:
             raise DataError(
                 f"client {k}: no training row fits data.max_seq_len={cfg.max_seq_len}; raise it"
             )
-        clients.append(ClientData(k, f"client_{k}", train.row_ids, train, eval_split(test_rows)))
+        val = eval_split(val_rows) if cfg.val_fraction else None
+        clients.append(
+            ClientData(k, f"client_{k}", train.row_ids, train, eval_split(test_rows), val)
+        )
     drops = collections.Counter(loaded.drop_counts)
     drops["too_long"] += drops_full.get("too_long", 0)
     # Eval rows lost only to their prompt (the rest are in too_long already): each lost row once.
@@ -192,6 +229,13 @@ def prepare_federated_data(
             f"[data] tokenisation dropped {drops['too_long']} rows longer than "
             f"max_seq_len={cfg.max_seq_len} and {drops['too_long_prompt']} test rows whose "
             f"prompt is longer than max_prompt_len={cfg.max_prompt_len or cfg.max_seq_len}"
+        )
+    if verbose:
+        n_val = sum(len(c.val.rows) for c in clients if c.val is not None)
+        print(
+            f"[data] splits over {len(clients)} clients: train "
+            f"{sum(c.num_train for c in clients)}, validation {n_val}, test "
+            f"{sum(len(c.test.rows) for c in clients)} rows (after tokenisation drops)"
         )
     categories = np.array([ex.category for ex in examples])
     return FederatedData(
