@@ -160,6 +160,15 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: pathlib.Path, title
     plt.close(fig)
 
 
+def budget_text(run_dir: pathlib.Path) -> str:
+    """The run's training budget (docs/protocol.md), or why it cannot be counted."""
+    from fedlora_jax.protocol import run_dir_budget  # lazy: it builds through the runner
+
+    if not (run_dir / "clients.csv").is_file():
+        return "not counted (no clients.csv in the run directory)"
+    return run_dir_budget(run_dir).describe()
+
+
 def write_results(
     run_dir: str | pathlib.Path,
     *,
@@ -190,6 +199,7 @@ def write_results(
             ("rounds x client steps", f"{cfg['federated']['rounds']} x "
                                      f"{cfg['federated']['local_steps']}"),
             ("seed", cfg["run"]["seed"]),
+            ("budget per round", budget_text(run_dir)),
         ]  # fmt: skip
         lines += _table(["setting", "value"], setting) + [""]
     lines += data_section(data)

@@ -4,7 +4,8 @@
 
 Runs are grouped by a config key (default ``algorithm.name``); each group's final global/personal
 metrics are reported as mean ± std over its runs (e.g. seeds). Writes comparison.md and
-comparison.png into --out.
+comparison.png into --out. Runs whose training budgets differ (client steps or rows per round,
+rounds; docs/protocol.md) are refused in one line unless ``--allow_unmatched_budgets``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+")
     parser.add_argument("--out", required=True)
     parser.add_argument("--group_by", default="algorithm.name", help="a dotted config key")
+    parser.add_argument(
+        "--allow_unmatched_budgets", action="store_true", help="compare runs of unequal budgets"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from fedlora_jax.protocol import check_budgets, run_dir_budget
     from fedlora_jax.report import compare
 
     try:
+        if not args.allow_unmatched_budgets:
+            check_budgets({d: run_dir_budget(d) for d in args.run_dirs})
         path = compare(args.run_dirs, args.out, group_by=args.group_by)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,209 @@
+"""The comparison protocol (docs/protocol.md): every method in a comparison trains the same
+client gradient steps on the same rows per round, and its learning rate is chosen on a
+validation split from a grid declared per method.
+
+``Budget`` is what a run trains per round, counted from its algorithm's phases (every phase:
+FedLoRA-Optimizer's global E_g and personal E_l steps both count; Ditto splits one phase's
+steps between its two models). ``check_budgets`` refuses a comparison whose budgets differ with
+one line naming the runs and their budgets. ``Grid`` declares a reproduction (methods × seeds ×
+settings, an lr grid per method) for ``scripts/reproduce.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from fedlora_jax.algorithms.base import Algorithm
+from fedlora_jax.model.config import LlamaConfig
+
+# The phases' step counts never depend on the model, so the budget of a saved config is counted
+# by building its algorithm on this small stand-in architecture (no weights are loaded).
+STAND_IN = LlamaConfig(
+    vocab_size=32, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
+    num_kv_heads=4, head_dim=64,
+)  # fmt: skip
+
+
+class BudgetMismatch(ValueError):
+    """Runs compared under the protocol train different budgets; the CLI prints one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Per round: ``trainers`` clients (1 for a pooled-data algorithm) each train the phases'
+    steps on ``batch_size`` rows a step (packed rows hold several examples)."""
+
+    rounds: int
+    trainers: int
+    phase_steps: tuple[tuple[str, int], ...]
+    batch_size: int
+    packing: bool
+
+    @property
+    def steps_per_client(self) -> int:
+        return sum(s for _, s in self.phase_steps)
+
+    @property
+    def rows_per_client(self) -> int:
+        return self.steps_per_client * self.batch_size
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.trainers * self.steps_per_client
+
+    @property
+    def rows_per_round(self) -> int:
+        return self.steps_per_round * self.batch_size
+
+    def key(self) -> tuple[int, int, int, bool]:
+        """What the protocol holds equal: rounds, gradient steps and rows per round, packing."""
+        return (self.rounds, self.steps_per_round, self.rows_per_round, self.packing)
+
+    def describe(self) -> str:
+        """``2 rounds x 4 clients x (global 1 + personal 1) steps x 2 rows (packed) = 8 steps,
+        16 rows per round``."""
+        steps = (
+            "(" + " + ".join(f"{n} {s}" for n, s in self.phase_steps) + ")"
+            if len(self.phase_steps) > 1
+            else str(self.steps_per_client)
+        )
+        rows = "packed" if self.packing else "unpacked"
+        return (
+            f"{self.rounds} rounds x {self.trainers} clients x {steps} steps x "
+            f"{self.batch_size} rows ({rows}) = {self.steps_per_round} steps, "
+            f"{self.rows_per_round} rows per round"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "steps_per_client": self.steps_per_client,
+            "rows_per_client": self.rows_per_client,
+            "steps_per_round": self.steps_per_round,
+            "rows_per_round": self.rows_per_round,
+            "text": self.describe(),
+        }
+
+
+def algorithm_budget(
+    algorithm: Algorithm, *, rounds: int, clients_per_round: int, batch_size: int, packing: bool
+) -> Budget:
+    """The budget of ``algorithm`` run for ``rounds`` rounds with ``clients_per_round`` sampled
+    clients (a pooled-data algorithm trains one client per round on the union)."""
+    trainers = 1 if algorithm.pooled_data else clients_per_round
+    phases = tuple((p.name, int(p.steps)) for p in algorithm.phases)
+    return Budget(int(rounds), int(trainers), phases, int(batch_size), bool(packing))
+
+
+def config_budget(cfg: Any, num_clients: int, model_cfg: LlamaConfig = STAND_IN) -> Budget:
+    """The budget of a run config (a ConfigDict) over ``num_clients`` clients: its algorithm
+    built as the runner builds it (``model_cfg`` only shapes adapters, never steps)."""
+    from fedlora_jax import runner
+
+    training = runner.client_training(cfg, model_cfg)
+    algorithm = runner.build_algorithm(cfg, training, num_clients)
+    return algorithm_budget(
+        algorithm,
+        rounds=cfg.federated.rounds,
+        clients_per_round=runner.sampled_per_round(cfg, num_clients),
+        batch_size=cfg.federated.batch_size,
+        packing=cfg.federated.packing,
+    )
+
+
+def run_dir_budget(run_dir: str | pathlib.Path) -> Budget:
+    """The budget of a run directory, from its ``config.json`` and ``clients.csv``."""
+    from fedlora_jax import config as config_lib
+
+    run_dir = pathlib.Path(run_dir)
+    for name in ("config.json", "clients.csv"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {name}, so its budget cannot be counted")
+    with open(run_dir / "clients.csv", newline="") as f:
+        num_clients = sum(1 for _ in csv.reader(f)) - 1  # one row per client under a header
+    cfg = config_lib.from_dict(json.loads((run_dir / "config.json").read_text()))
+    return config_budget(cfg, num_clients)
+
+
+def check_budgets(budgets: Mapping[str, Budget]) -> None:
+    """Raise ``BudgetMismatch`` (one line naming every run and its budget) unless all
+    ``budgets`` agree on rounds, gradient steps and rows per round and packing."""
+    if len({b.key() for b in budgets.values()}) <= 1:
+        return
+    listed = "; ".join(f"{name}: {b.describe()}" for name, b in budgets.items())
+    raise BudgetMismatch(
+        f"budgets differ, so the comparison is refused (docs/protocol.md): {listed}; give every "
+        "method the same client steps and rows per round (FedLoRA-Optimizer: "
+        "algorithm.options.global_steps + local_steps_personal = federated.local_steps)"
+    )
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method of a comparison: its name in the tables, the config overrides that make it
+    (``algorithm.name=...``, options) and its learning-rate grid (``optim.lr``)."""
+
+    name: str
+    overrides: tuple[str, ...]
+    lrs: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A data setting: a config preset (``configs/x.py:preset``) and overrides."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    description: str = ""
+    strong_non_iid: bool = False  # where "under strong non-IID" claims are tested
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """methods × seeds × settings. ``common`` overrides apply to every cell (budget, eval);
+    ``baseline`` names the method the paired differences are taken against. The lr of each
+    method is chosen on seed ``seeds[0]``'s validation split; the other seeds run it."""
+
+    name: str
+    methods: tuple[Method, ...]
+    settings: tuple[Setting, ...]
+    seeds: tuple[int, ...]
+    common: tuple[str, ...]
+    baseline: str = "fedit"
+    description: str = ""
+    notes: str = ""  # printed under the report's heading: scale, caveats, the other protocol
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.methods]
+        if self.baseline not in names:
+            raise ValueError(f"grid {self.name}: baseline {self.baseline!r} not in {names}")
+        if not self.seeds or any(not m.lrs for m in self.methods):
+            raise ValueError(f"grid {self.name}: needs seeds and an lr grid for every method")
+
+
+def cell_overrides(grid: Grid, setting: Setting, method: Method, lr: float, seed: int) -> list:
+    """The overrides of one cell, in order: setting, common, method, lr and seed (the run seed
+    and the data seed: partition, validation carve-out and batch order vary with the seed)."""
+    return [
+        *setting.overrides, *grid.common, *method.overrides,
+        f"optim.lr={lr!r}", f"run.seed={seed}", f"data.seed={seed}",
+    ]  # fmt: skip
+
+
+def choose_lr(scores: Mapping[float, float]) -> float:
+    """The lr with the lowest validation score (a non-finite score never wins; ties go to the
+    smaller lr); a ValueError when no lr gave a finite score."""
+    finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
+    if not finite:
+        raise ValueError(f"no learning rate gave a finite validation score: {dict(scores)}")
+    return min(finite, key=lambda lr: (finite[lr], lr))

@@ -1,0 +1,170 @@
+"""The comparison protocol: budgets counted from every phase (hand counts), comparisons of
+unequal budgets refused, the budget in results.md, and the validation split."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from fedlora_jax import config as config_lib
+from fedlora_jax.data import DataConfig, DataError, load_dolly, prepare_federated_data
+from fedlora_jax.data.pipeline import validation_split, validation_view
+from fedlora_jax.protocol import BudgetMismatch, check_budgets, choose_lr, config_budget
+from fedlora_jax.report import write_results
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "dolly.py") + ":smoke"  # 4 clients, 2 rounds x 3 steps x 2 rows
+FEDIT = "2 rounds x 4 clients x 3 steps x 2 rows (packed) = 12 steps, 24 rows per round"
+
+
+def budget(*overrides: str):
+    cfg = config_lib.load_config(SMOKE, list(overrides))
+    return config_budget(cfg, 4)
+
+
+def test_budget_counts_every_phase() -> None:
+    fedit = budget("algorithm.name=fedit")
+    assert fedit.describe() == FEDIT
+    assert (fedit.steps_per_client, fedit.rows_per_client) == (3, 6)
+    # FedLoRA-Optimizer as published: E_g = E_l = local_steps, twice FedIT's steps and rows.
+    unmatched = budget("algorithm.name=fedlora_optimizer")
+    assert unmatched.phase_steps == (("global", 3), ("personal", 3))
+    assert (unmatched.steps_per_round, unmatched.rows_per_round) == (24, 48)
+    matched = budget(
+        "algorithm.name=fedlora_optimizer",
+        "algorithm.options.global_steps=2",
+        "algorithm.options.local_steps_personal=1",
+    )
+    assert matched.phase_steps == (("global", 2), ("personal", 1))
+    assert matched.key() == fedit.key()
+    # Ditto splits one phase's 3 steps between its models; Centralised trains one pooled
+    # client 4 x 3 steps: both FedIT's budget.
+    assert budget("algorithm.name=ditto").key() == fedit.key()
+    pooled = budget("algorithm.name=centralized")
+    assert (pooled.trainers, pooled.steps_per_client) == (1, 12)
+    assert pooled.key() == fedit.key()
+    two = budget("algorithm.name=fedit", "federated.clients_per_round=2")
+    assert (two.trainers, two.rows_per_round) == (2, 12)
+    unpacked = budget("algorithm.name=fedit", "federated.packing=False")
+    check_budgets({"fedit": fedit, "ditto": budget("algorithm.name=ditto"), "central": pooled})
+    with pytest.raises(BudgetMismatch):
+        check_budgets({"packed": fedit, "unpacked": unpacked})
+
+
+def test_unequal_budgets_are_refused_in_one_line() -> None:
+    budgets = {"fedit": budget("algorithm.name=fedit")}
+    budgets["fedlora_optimizer"] = budget("algorithm.name=fedlora_optimizer")
+    with pytest.raises(BudgetMismatch) as e:
+        check_budgets(budgets)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"fedit: {FEDIT}" in msg
+    assert (
+        "fedlora_optimizer: 2 rounds x 4 clients x (global 3 + personal 3) steps x 2 rows "
+        "(packed) = 24 steps, 48 rows per round" in msg
+    )
+
+
+def _run_dir(root: pathlib.Path, name: str, *overrides: str) -> pathlib.Path:
+    """A run directory as far as the budget reads it: config.json and clients.csv."""
+    run = root / name
+    run.mkdir()
+    cfg = config_lib.load_config(SMOKE, list(overrides))
+    (run / "config.json").write_text(json.dumps(config_lib.to_dict(cfg)))
+    (run / "clients.csv").write_text("client,a,b\n" + "".join(f"c{i},1,2\n" for i in range(4)))
+    return run
+
+
+def test_compare_script_refuses_unequal_budgets(tmp_path, capsys) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import compare
+
+    a = _run_dir(tmp_path, "fedit", "algorithm.name=fedit")
+    b = _run_dir(tmp_path, "flo", "algorithm.name=fedlora_optimizer")
+    assert compare.main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: budgets differ") and err.count("\n") == 1
+    assert f"{a}: {FEDIT}" in err and "(global 3 + personal 3)" in err
+    assert not (tmp_path / "cmp").exists()
+    args = [str(a), str(b), "--out", str(tmp_path / "cmp"), "--allow_unmatched_budgets"]
+    assert compare.main(args) == 0
+
+
+def test_results_md_states_the_budget(tmp_path) -> None:
+    run = _run_dir(tmp_path, "r", "algorithm.name=fedit")
+    assert f"| budget per round | {FEDIT} |" in write_results(run).read_text()
+
+
+def test_choose_lr_on_validation_scores() -> None:
+    assert choose_lr({1e-3: 2.5, 3e-3: 2.4, 1e-2: float("nan")}) == 3e-3
+    assert choose_lr({1e-3: 2.4, 3e-3: 2.4}) == 1e-3  # a tie goes to the smaller lr
+    with pytest.raises(ValueError, match="no learning rate gave a finite validation score"):
+        choose_lr({1e-3: float("nan")})
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def test_validation_split_sizes_and_seed() -> None:
+    rows = np.arange(100, 110)
+    train, val = validation_split(rows, val_fraction=0.2, seed=0, client_id=3)
+    assert len(val) == 2 and len(train) == 8
+    assert np.array_equal(np.sort(np.concatenate([train, val])), rows)
+    again = validation_split(rows, val_fraction=0.2, seed=0, client_id=3)
+    assert np.array_equal(again[1], val)
+    others = [validation_split(rows, val_fraction=0.2, seed=s, client_id=3)[1] for s in range(5)]
+    assert any(not np.array_equal(v, val) for v in others)
+    assert len(validation_split(rows[:2], val_fraction=0.01, seed=0, client_id=0)[1]) == 1
+    assert len(validation_split(rows[:1], val_fraction=0.5, seed=0, client_id=0)[0]) == 1
+    assert len(validation_split(rows, val_fraction=0.0, seed=0, client_id=0)[1]) == 0
+    with pytest.raises(DataError, match=r"data.val_fraction=1.0: must be in \[0, 1\)"):
+        DataConfig(val_fraction=1.0)
+
+
+@pytest.fixture(scope="module")
+def small_dolly(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("data") / "dolly_small.jsonl"
+    fields = ("instruction", "context", "response", "category")
+    rows = load_dolly(verbose=False).examples[::50]  # 301 rows
+    path.write_text("".join(json.dumps({f: getattr(e, f) for f in fields}) + "\n" for e in rows))
+    return path
+
+
+def test_validation_split_is_disjoint_and_deterministic(small_dolly, stories_dir, capsys) -> None:
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    cfg = {
+        "source": "path", "path": str(small_dolly), "num_clients": 4, "min_client_size": 5,
+        "max_seq_len": 256, "test_cap": 4, "val_fraction": 0.2, "seed": 0,
+    }  # fmt: skip
+    fd = prepare_federated_data(cfg, tok)
+    printed = capsys.readouterr().out
+    none = prepare_federated_data({**cfg, "val_fraction": 0.0}, tok, verbose=False)
+    for c, c0 in zip(fd.clients, none.clients, strict=True):
+        train, val, test = c.train_rows, c.val.rows, c.test.rows
+        assert len(val) >= 1
+        assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+        assert np.array_equal(test, c0.test.rows)  # the test split does not move
+        assert np.array_equal(np.sort(np.concatenate([train, val])), c0.train_rows)
+        assert np.array_equal(c.val.full.row_ids, val) and np.array_equal(
+            c.val.prompts.row_ids, val
+        )
+        assert c0.val is None
+    n = [sum(len(x) for x in xs) for xs in zip(*[(c.train_rows, c.val.rows, c.test.rows)
+                                                 for c in fd.clients], strict=True)]  # fmt: skip
+    assert f"train {n[0]}, validation {n[1]}, test {n[2]} rows" in printed
+    again = prepare_federated_data(cfg, tok, verbose=False)
+    assert [c.val.rows.tolist() for c in again.clients] == [c.val.rows.tolist() for c in fd.clients]
+    other = prepare_federated_data({**cfg, "seed": 1}, tok, verbose=False)
+    assert [c.val.rows.tolist() for c in other.clients] != [c.val.rows.tolist() for c in fd.clients]
+    view = validation_view(fd)
+    assert [c.test.rows.tolist() for c in view.clients] == [c.val.rows.tolist() for c in fd.clients]
+    assert [c.train_rows.tolist() for c in view.clients] == [
+        c.train_rows.tolist() for c in fd.clients
+    ]
+    with pytest.raises(DataError, match="data.val_fraction=0: no validation split"):
+        validation_view(none)
