@@ -1,16 +1,26 @@
-"""The FedLoRA-Optimizer sensitivity study (paper Fig. 1) on a real model and Dolly categories.
+"""The FedLoRA-Optimizer sensitivity study (paper Fig. 1): how A's and B's directions and
+magnitudes differ between adapters trained on different tasks from ONE shared init.
 
-Trains one decomposed LoRA per Dolly category, all from ONE shared init (same seed, same data
-order per step index), then reports per layer and module, and averaged, how much the A and B
-directions (1 - cos) and magnitudes (|Δm|) differ between tasks, with the paper's ratios
-(direction A / direction B ≈ 1.7, magnitude B / magnitude A ≈ 41).
+Protocols (``--protocol``, comma-separated, run one after the other on the same batches):
 
-    python scripts/sensitivity.py                       # SmolLM2-135M on the CPU (minutes)
+- ``lora``: standard LoRA with PEFT init (A Kaiming-uniform, B = 0), split into norms and
+  directions after training, scored row-wise and column-wise (the split is free);
+- ``decomposed``: the decomposed adapter (B_M = 0, random B_D) trained directly, its learned
+  parameters scored (``--norm-axis``). Its B_D gets gradient only through B_M ≈ 0 and Adam moves
+  every magnitude by ≈ steps × lr, so its ratios mostly reflect the init and the optimizer.
+
+With ``--control`` (default) the first task is trained a second time on another draw of its own
+rows; the difference between the two is the within-task (data-order) floor of every metric.
+
+    python scripts/sensitivity.py                       # SmolLM2-135M on the CPU
     python scripts/sensitivity.py --preset stories260k  # seconds (what the tests run)
     python scripts/sensitivity.py --preset llama2-7b    # a GPU; needs the HF hub or a folder
 
-Writes ``sensitivity.csv`` (per module), ``sensitivity.md`` (table + averages + ratios),
-``sensitivity.json`` and ``sensitivity.png`` to ``--out``.
+Writes to ``--out``: ``sensitivity.md`` (side-by-side table with the paper's 1.7 / 41),
+``sensitivity.csv`` (per protocol and module), ``sensitivity.json`` (everything, loss curves
+included), ``sensitivity.png`` (per layer), ``loss_curves.png``, and the short
+``{protocol: {dir_A_over_dir_B, mag_B_over_mag_A_abs, mag_B_over_mag_A_rel, steps, verdict}}``
+to ``--summary`` (default ``<out>/sensitivity_summary.json``).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import pathlib
 import sys
 import time
@@ -32,27 +43,41 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from fedlora_jax.adapters import AdapterConfig, init_adapters  # noqa: E402
-from fedlora_jax.algorithms.base import ClientTraining  # noqa: E402
 from fedlora_jax.algorithms.training import (  # noqa: E402
+    ClientTraining,
     local_train,
     make_loss_fn,
     make_optimizer,
 )
-from fedlora_jax.analysis.sensitivity import METRICS, PAPER_RATIOS, tree_sensitivity  # noqa: E402
+from fedlora_jax.analysis.sensitivity import (  # noqa: E402
+    METRICS,
+    PAPER_RATIOS,
+    PROTOCOLS,
+    RATIOS,
+    protocol_leaves,
+    ratios,
+    tree_sensitivity,
+    verdict,
+)
 from fedlora_jax.data.rows import DataError  # noqa: E402
-from fedlora_jax.data.sources import load_dolly  # noqa: E402
+from fedlora_jax.data.sources import load_dolly, load_natural_instructions  # noqa: E402
 from fedlora_jax.data.tokenize import tokenize_examples  # noqa: E402
 from fedlora_jax.model.hub import resolve_model  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"model": "smollm2-135m", "steps": 20, "batch_size": 2, "max_seq_len": 128,
+    "smollm2-135m": {"model": "smollm2-135m", "steps": 60, "batch_size": 2, "max_seq_len": 128,
                      "lr": 1e-3, "dtype": "float32"},
     "stories260k": {"model": "stories260k", "steps": 4, "batch_size": 2, "max_seq_len": 256,
                     "lr": 5e-3, "dtype": "float32"},
-    "llama2-7b": {"model": "llama2-7b", "steps": 100, "batch_size": 8, "max_seq_len": 512,
+    "llama2-7b": {"model": "llama2-7b", "steps": 300, "batch_size": 8, "max_seq_len": 512,
                   "lr": 3e-4, "dtype": "bfloat16"},
 }  # fmt: skip
-DEFAULT_CATEGORIES = "closed_qa,information_extraction,open_qa"
+SOURCES = {"dolly": load_dolly, "natural_instructions": load_natural_instructions}
+DEFAULT_TASKS = {
+    "dolly": "closed_qa,information_extraction,open_qa",
+    "natural_instructions": "",  # the first three tasks of the shipped file
+}
+SMOOTH = 10  # steps in the loss curves' moving average
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,9 +85,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
     p.add_argument("--model", help="model spec (alias, folder, hub id); default from the preset")
     p.add_argument(
-        "--categories",
-        default=DEFAULT_CATEGORIES,
-        help="comma-separated Dolly categories (>= 2), one task each",
+        "--protocol", default=",".join(PROTOCOLS), help="comma-separated: lora,decomposed"
+    )
+    p.add_argument("--source", default="dolly", choices=sorted(SOURCES))
+    p.add_argument(
+        "--tasks",
+        help="comma-separated tasks (>= 2): Dolly categories or NI task names; "
+        "default closed_qa,information_extraction,open_qa (Dolly), the first three (NI)",
+    )
+    p.add_argument(
+        "--control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train the first task on a second draw of its rows (the noise floor)",
     )
     p.add_argument("--steps", type=int, help="training steps per task")
     p.add_argument("--batch-size", type=int)
@@ -71,9 +106,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default="qv", help="adapter target preset or regex")
-    p.add_argument("--norm-axis", default="row", choices=("row", "col"))
+    p.add_argument(
+        "--norm-axis",
+        default="row",
+        choices=("row", "col"),
+        help="the decomposed protocol's training axis (lora is scored on both)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/sensitivity", help="output folder")
+    p.add_argument(
+        "--summary", help="short JSON summary path; default <out>/sensitivity_summary.json"
+    )
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
@@ -83,21 +126,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_lists(args: argparse.Namespace, known_tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(protocols, tasks) from the comma lists; a bad entry is a DataError naming the option."""
+    protocols = [x.strip() for x in args.protocol.split(",") if x.strip()]
+    bad = [x for x in protocols if x not in PROTOCOLS]
+    if bad or not protocols:
+        raise DataError(f"--protocol={args.protocol!r}: allowed values are {', '.join(PROTOCOLS)}")
+    spec = args.tasks if args.tasks is not None else DEFAULT_TASKS[args.source]
+    tasks = [x.strip() for x in spec.split(",") if x.strip()] or known_tasks[:3]
+    unknown = [t for t in tasks if t not in known_tasks]
+    if unknown:
+        raise DataError(
+            f"--tasks: {', '.join(map(repr, unknown))} not in {args.source}; "
+            f"known: {', '.join(known_tasks)}"
+        )
+    if len(set(tasks)) < 2:
+        raise DataError(f"--tasks needs >= 2 different tasks, got {spec!r}")
+    return protocols, tasks
+
+
+def task_of(example: Any, source: str) -> str:
+    """Dolly rows are grouped by category, NI rows by task name."""
+    return example.group if source == "natural_instructions" else example.category
+
+
 def task_batches(
-    examples: list, categories: list[str], tokenizer: Any, args: argparse.Namespace
+    by_task: dict[str, list], runs: list[tuple[str, int]], tokenizer: Any, args: argparse.Namespace
 ) -> dict[str, np.ndarray]:
-    """[tasks, steps, batch, seq] int32 batches; step s of every task draws with the same rng."""
-    by_cat = {c: [e for e in examples if e.category == c] for c in categories}
+    """[runs, steps, batch, seq] int32; run (task, seed) draws its rows with rng(seed), so
+    step s of every task uses the same draw and the control differs only in the draw."""
     out: dict[str, list[np.ndarray]] = {"tokens": [], "loss_mask": [], "attn_mask": []}
-    for c in categories:
-        if not by_cat[c]:
-            known = sorted({e.category for e in examples})
-            raise DataError(f"--categories: {c!r} has no Dolly rows; known: {', '.join(known)}")
-        ts, _ = tokenize_examples(by_cat[c], tokenizer, max_seq_len=args.max_seq_len)
+    for task, seed in runs:
+        ts, _ = tokenize_examples(by_task[task], tokenizer, max_seq_len=args.max_seq_len)
         if len(ts) == 0:
-            raise DataError(f"--max-seq-len={args.max_seq_len}: no {c!r} row fits; raise it")
+            raise DataError(f"--max-seq-len={args.max_seq_len}: no {task!r} row fits; raise it")
         need = args.steps * args.batch_size
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(seed)
         idx = rng.choice(len(ts), need, replace=len(ts) < need).reshape(args.steps, -1)
         out["tokens"].append(ts.tokens[idx])
         out["loss_mask"].append(ts.loss_mask()[idx])
@@ -105,12 +169,13 @@ def task_batches(
     return {k: np.stack(v).astype(np.int32) for k, v in out.items()}
 
 
-def train_tasks(args: argparse.Namespace, categories: list[str]) -> tuple[list, Any, str]:
-    """One decomposed adapter per task from the shared init (tasks vmapped in one jit)."""
-    dtype = jnp.dtype(args.dtype)
-    resolved = resolve_model(args.model, dtype=dtype)
+def train_runs(
+    resolved: Any, batches: dict[str, np.ndarray], protocol: str, args: argparse.Namespace
+) -> tuple[list[dict], np.ndarray]:
+    """One adapter of kind ``protocol`` per run, all from the same init (runs vmapped, one
+    jitted step at a time so every step's loss is kept). Returns (trees, losses [runs, steps])."""
     adapter = AdapterConfig(
-        kind="decomposed",
+        kind=protocol,
         r=args.r,
         alpha=args.alpha,
         dropout=0.0,
@@ -125,124 +190,257 @@ def train_tasks(args: argparse.Namespace, categories: list[str]) -> tuple[list, 
         compute_dtype=args.dtype,
         remat=args.dtype != "float32",
     )
-    batches = task_batches(load_dolly(verbose=False).examples, categories, resolved.tokenizer, args)
+    n = batches["tokens"].shape[0]
     init = init_adapters(jax.random.PRNGKey(args.seed), resolved.cfg, adapter)
-    labels = lambda p: jax.tree.map(lambda _: "shared", p)  # noqa: E731  (every component trains)
+    params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), init)
+    labels = lambda p: jax.tree.map(lambda _: "shared", p)  # noqa: E731  (every factor trains)
     tx = make_optimizer(training, labels, args.steps)
     loss_fn = make_loss_fn(training)
+    key = jax.random.PRNGKey(args.seed)  # dropout is 0: unused
 
-    def train(task_batches: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
-        params, _, metrics = local_train(
-            loss_fn,
-            resolved.base,
-            init,
-            tx,
-            tx.init(init),
-            task_batches,
-            jax.random.PRNGKey(args.seed),
-            labels,
-        )
-        return params, metrics
+    @jax.jit
+    def step(base: Any, params: Any, opt_state: Any, batch: dict) -> tuple[Any, Any, jax.Array]:
+        def one(p: Any, s: Any, b: dict) -> tuple[Any, Any, jax.Array]:
+            p, s, metrics = local_train(loss_fn, base, p, tx, s, b, key, labels)
+            return p, s, metrics["loss"]
 
-    trained, metrics = jax.jit(jax.vmap(train))(batches)
-    trees = [
-        jax.tree.map(lambda x, i=i: np.asarray(x[i], np.float32), trained)
-        for i in range(len(categories))
-    ]
-    losses = {
-        c: (float(metrics["loss_first"][i]), float(metrics["loss_last"][i]))
-        for i, c in enumerate(categories)
+        return jax.vmap(one)(params, opt_state, batch)
+
+    opt_state = jax.vmap(tx.init)(params)
+    losses, start = [], time.perf_counter()
+    for s in range(args.steps):
+        batch = {k: v[:, s : s + 1] for k, v in batches.items()}
+        params, opt_state, loss = step(resolved.base, params, opt_state, batch)
+        losses.append(np.asarray(loss, np.float64))
+        if (s + 1) % 10 == 0 or s + 1 == args.steps:
+            print(
+                f"  {protocol} step {s + 1}/{args.steps}: loss {np.round(losses[-1], 3)} "
+                f"({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+    trees = [jax.tree.map(lambda x, i=i: np.asarray(x[i], np.float32), params) for i in range(n)]
+    return trees, np.stack(losses, axis=1)
+
+
+def score(trees: list[dict], n_tasks: int, protocol: str, axis: str) -> dict[str, Any]:
+    """Between-task rows and summary over the first ``n_tasks`` trees, and the within-task
+    control (tree 0 vs the last tree) when there is one."""
+    leaves = [protocol_leaves(t, protocol, axis) for t in trees]
+    rows, summary = tree_sensitivity(leaves[:n_tasks], axis)
+    out = {"rows": rows, "summary": summary, "verdict": verdict(summary)}
+    if len(leaves) > n_tasks:
+        out["control"] = tree_sensitivity([leaves[0], leaves[-1]], axis)[1]
+    return out
+
+
+def scorings(protocol: str, args: argparse.Namespace) -> list[str]:
+    """LoRA is split after training, so both axes cost nothing; decomposed trains one."""
+    return ["row", "col"] if protocol == "lora" else [args.norm_axis]
+
+
+def summary_entry(result: dict, meta: dict) -> dict[str, Any]:
+    s = result["summary"]
+    return {
+        "dir_A_over_dir_B": s["dir_A/dir_B"],
+        "mag_B_over_mag_A_abs": s["mag_B/mag_A"],
+        "mag_B_over_mag_A_rel": s["rel_mag_B/rel_mag_A"],
+        "steps": meta["steps"],
+        "verdict": result["verdict"],
+        "paper": {
+            "dir_A_over_dir_B": PAPER_RATIOS["dir_A/dir_B"],
+            "mag_B_over_mag_A": PAPER_RATIOS["mag_B/mag_A"],
+        },
+        "model": meta["model"],
+        "tasks": meta["tasks"],
+        "lr": meta["lr"],
+        "within_task_control": (
+            {k: result["control"][k] for k in RATIOS} if "control" in result else None
+        ),
     }
-    return trees, losses, resolved.source
 
 
-def write_outputs(out: pathlib.Path, rows: list[dict], summary: dict, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "sensitivity.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["module", "layer", "name", *METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "sensitivity.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "modules": rows}, indent=1)
+def fmt(x: float) -> str:
+    return f"{x:.3g}" if 1e-2 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def markdown(results: dict[str, dict], meta: dict) -> str:
+    head = (
+        "| protocol | loss first → last 10 | 1−cos A | 1−cos B | **dir A/B** | abs ΔA_M | abs ΔB_M "
+        "| **mag B/A abs** | rel ΔA_M | rel ΔB_M | **mag B/A rel** |"
     )
-    lines = [
-        f"# Sensitivity of decomposed LoRA components across tasks ({meta['model']})", "",
-        f"Tasks: {', '.join(meta['categories'])}; {meta['steps']} steps x batch "
-        f"{meta['batch_size']} x seq {meta['max_seq_len']}, lr {meta['lr']}, r {meta['r']}, "
-        f"targets {meta['targets']}, {meta['norm_axis']}-wise.", "",
-        "| module | 1-cos A_D | 1-cos B_D | abs dA_M | abs dB_M |",
-        "| --- | --- | --- | --- | --- |",
-        *[f"| {r['module']} | {r['dir_A']:.3e} | {r['dir_B']:.3e} | {r['mag_A']:.3e} | "
-          f"{r['mag_B']:.3e} |" for r in rows],
-        f"| **mean** | {summary['dir_A']:.3e} | {summary['dir_B']:.3e} | {summary['mag_A']:.3e} "
-        f"| {summary['mag_B']:.3e} |", "",
-        "| ratio | measured | paper |", "| --- | --- | --- |",
-        *[f"| {k} | {summary[k]:.2f} | {v} |" for k, v in PAPER_RATIOS.items()], "",
-    ]  # fmt: skip
-    (out / "sensitivity.md").write_text("\n".join(lines))
-    plot(out / "sensitivity.png", rows, summary, meta)
+
+    def line(name: str, loss: str, s: dict) -> str:
+        vals = [s[k] for k in ("dir_A", "dir_B", "dir_A/dir_B", "mag_A", "mag_B", "mag_B/mag_A",
+                               "rel_mag_A", "rel_mag_B", "rel_mag_B/rel_mag_A")]  # fmt: skip
+        return f"| {name} | {loss} | " + " | ".join(fmt(v) for v in vals) + " |"
+
+    table, control, by_name, verdicts = [], [], [], []
+    for key, res in results.items():
+        curve = np.asarray(meta["losses"][res["protocol"]])[: meta["n_tasks"]]
+        loss = f"{curve[:, 0].mean():.3f} → {curve[:, -SMOOTH:].mean():.3f}"
+        table.append(line(key, loss, res["summary"]))
+        if "control" in res:
+            control.append(line(f"{key} (within {meta['tasks'][0]})", "", res["control"]))
+        for name in sorted({r["name"] for r in res["rows"]}):
+            rows = [r for r in res["rows"] if r["name"] == name]
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
+            by_name.append(line(f"{key} {name}", "", {**mean, **ratios(mean)}))
+        verdicts.append(f"- **{key}**: {res['verdict']}.")
+    sep = "| --- " * 11 + "|"
+    paper = f"| paper (LLaMA2-7B, Dolly) | | | | **{PAPER_RATIOS['dir_A/dir_B']}** | | | " + (
+        f"**{PAPER_RATIOS['mag_B/mag_A']:g}** | | | |"
+    )
+    return "\n".join(
+        [
+            f"# Sensitivity of LoRA magnitudes and directions across tasks ({meta['model']})",
+            "",
+            f"Tasks ({meta['source']}): {', '.join(meta['tasks'])}; {meta['steps']} steps × batch "
+            f"{meta['batch_size']} × seq {meta['max_seq_len']}, AdamW lr {meta['lr']} (constant, "
+            f"clip 1), r {meta['r']}, α {meta['alpha']}, targets {meta['targets']}, seed "
+            f"{meta['seed']}; one adapter per task from one shared init. Between-task values are "
+            "means over modules of the mean over task pairs; ratios are of those means.",
+            "",
+            head,
+            sep,
+            *table,
+            paper,
+            "",
+            "Within-task control (the first task trained twice on two draws of its rows): the "
+            "floor a between-task difference has to clear.",
+            "",
+            head,
+            sep,
+            *(control or ["| (no control run) |" + " |" * 10]),
+            "",
+            "By module name (mean over layers):",
+            "",
+            head,
+            sep,
+            *by_name,
+            "",
+            "Verdicts (a ratio reproduces the paper's when > 1 and within a factor 2 of it):",
+            "",
+            *verdicts,
+            "",
+            "Compute: "
+            + "; ".join(f"{p} {s:.0f} s" for p, s in meta["seconds"].items())
+            + f"; load average {meta['load_start']} at start, {meta['load_end']} at end.",
+            "",
+        ]
+    )
 
 
-def plot(path: pathlib.Path, rows: list[dict], summary: dict, meta: dict) -> None:
-    """Per-layer means of the four changes (direction left, magnitude right)."""
+def plot(out: pathlib.Path, results: dict[str, dict], meta: dict) -> None:
+    """sensitivity.png: per layer, A vs B for each metric and scoring; loss_curves.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = sorted({r["layer"] for r in rows})
-    per_layer = {
-        k: [np.mean([r[k] for r in rows if r["layer"] == i]) for i in layers] for k in METRICS
-    }
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, (a, b, title, ratio) in zip(
-        axes,
-        (
-            ("dir_A", "dir_B", "direction change (1 - cos)", "dir_A/dir_B"),
-            ("mag_A", "mag_B", "magnitude change |Δm|", "mag_B/mag_A"),
-        ),
-        strict=True,
-    ):
-        ax.plot(layers, per_layer[a], "o-", label="A")
-        ax.plot(layers, per_layer[b], "s-", label="B")
-        ax.set_title(f"{title}\n{ratio} = {summary[ratio]:.2f} (paper {PAPER_RATIOS[ratio]})")
-        ax.set_xlabel("layer")
-        ax.set_yscale("log")
-        ax.legend()
-    fig.suptitle(f"{meta['model']}: {', '.join(meta['categories'])}")
+    cols = (("dir", "direction change 1 − cos"), ("mag", "|ΔM|"), ("rel_mag", "relative |ΔM|"))
+    fig, axes = plt.subplots(len(results), 3, figsize=(13, 3.2 * len(results)), squeeze=False)
+    for row_axes, (key, res) in zip(axes, results.items(), strict=True):
+        layers = sorted({r["layer"] for r in res["rows"]})
+        for ax, (metric, title) in zip(row_axes, cols, strict=True):
+            for x, marker in (("A", "o-"), ("B", "s-")):
+                k = f"{metric}_{x}"
+                per_layer = [
+                    np.mean([r[k] for r in res["rows"] if r["layer"] == i]) for i in layers
+                ]
+                ax.plot(layers, per_layer, marker, ms=3, label=x)
+            ax.set_title(f"{key}: {title}", fontsize=9)
+            ax.set_yscale("log")
+            ax.set_xlabel("layer")
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out / "sensitivity.png", dpi=110)
     plt.close(fig)
+
+    names = [*meta["tasks"], f"{meta['tasks'][0]} (control)"]
+    fig, axes = plt.subplots(1, len(meta["losses"]), figsize=(6 * len(meta["losses"]), 3.5))
+    for ax, (protocol, curves) in zip(np.atleast_1d(axes), meta["losses"].items(), strict=True):
+        for name, curve in zip(names, np.asarray(curves), strict=False):
+            (h,) = ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.25)
+            if len(curve) >= SMOOTH:
+                smooth = np.convolve(curve, np.ones(SMOOTH) / SMOOTH, mode="valid")
+                ax.plot(np.arange(SMOOTH, len(curve) + 1), smooth, color=h.get_color(), label=name)
+            else:
+                h.set_label(name)
+        ax.set_title(f"{protocol}: training loss (raw, and {SMOOTH}-step mean)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: pathlib.Path, summary_path: pathlib.Path, results: dict, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "sensitivity.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["protocol", "module", "layer", "name", *METRICS])
+        writer.writeheader()
+        for key, res in results.items():
+            writer.writerows({"protocol": key, **r} for r in res["rows"])
+    (out / "sensitivity.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / "sensitivity.md").write_text(markdown(results, meta))
+    plot(out, results, meta)
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary = {key: summary_entry(res, meta) for key, res in results.items()}
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
-    if len(categories) < 2:
-        print(
-            f"error: --categories needs >= 2 categories, got {args.categories!r}", file=sys.stderr
-        )
-        return 2
-    start = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     try:
-        trees, losses, source = train_tasks(args, categories)
+        examples = SOURCES[args.source](verbose=False).examples
+        by_task: dict[str, list] = {}
+        for e in examples:
+            by_task.setdefault(task_of(e, args.source), []).append(e)
+        protocols, tasks = check_lists(args, list(by_task))
+        resolved = resolve_model(args.model, dtype=jnp.dtype(args.dtype))
+        runs = [(t, args.seed) for t in tasks] + (
+            [(tasks[0], args.seed + 1)] if args.control else []
+        )
+        batches = task_batches(by_task, runs, resolved.tokenizer, args)
+        results, losses, seconds = {}, {}, {}
+        for protocol in protocols:
+            start = time.perf_counter()
+            trees, curves = train_runs(resolved, batches, protocol, args)
+            seconds[protocol] = round(time.perf_counter() - start, 1)
+            losses[protocol] = curves.round(5).tolist()
+            for axis in scorings(protocol, args):
+                results[f"{protocol}_{axis}"] = {
+                    "protocol": protocol,
+                    "norm_axis": axis,
+                    **score(trees, len(tasks), protocol, axis),
+                }
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows, summary = tree_sensitivity(trees, args.norm_axis)
     meta = {
-        **{k: v for k, v in vars(args).items() if k != "out"},
-        "categories": categories,
-        "model_source": source,
-        "losses_first_last": losses,
-        "seconds": round(time.perf_counter() - start, 1),
+        **{k: v for k, v in vars(args).items() if k not in ("out", "summary", "tasks")},
+        "tasks": tasks,
+        "n_tasks": len(tasks),
+        "model_source": resolved.source,
+        "losses": losses,
+        "seconds": seconds,
+        "load_start": load_start,
+        "load_end": [round(x, 2) for x in os.getloadavg()],
+        "command": " ".join(["python", "scripts/sensitivity.py", *(argv or sys.argv[1:])]),
     }
-    write_outputs(pathlib.Path(args.out), rows, summary, meta)
-    print(
-        f"{args.model}: dir_A/dir_B = {summary['dir_A/dir_B']:.2f} (paper 1.7), "
-        f"mag_B/mag_A = {summary['mag_B/mag_A']:.2f} (paper 41); losses {losses}; "
-        f"{meta['seconds']} s -> {args.out}"
+    out = pathlib.Path(args.out)
+    write_outputs(
+        out, pathlib.Path(args.summary or out / "sensitivity_summary.json"), results, meta
     )
+    for key, res in results.items():
+        s = res["summary"]
+        print(
+            f"{key}: dir_A/dir_B {fmt(s['dir_A/dir_B'])} (paper 1.7), mag_B/mag_A abs "
+            f"{fmt(s['mag_B/mag_A'])} rel {fmt(s['rel_mag_B/rel_mag_A'])} (paper 41): "
+            f"{res['verdict']}"
+        )
+    print(f"{seconds} s -> {out}")
     return 0
 
 
