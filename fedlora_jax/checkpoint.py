@@ -15,12 +15,21 @@ interrupted save leaves the previous step intact. ``latest_step`` only trusts st
 finalized (its commit marker and step metadata exist), so a partial step directory left by a copy
 or a non-atomic filesystem is skipped, and moved aside on resume. A finalized step that cannot be
 read (e.g. a truncated data file) is skipped with a warning when restoring the latest step.
+
+Several processes (``jax.distributed``): every process calls ``save`` and ``restore`` alike on a
+directory all of them see. Arrays spanning the processes' devices are written shard by shard.
+Host-local values (numpy arrays, Python scalars, arrays on this process's devices only: the
+engine's PRNG key and round counter) must be the same on every process; they are checked
+(sha256 exchanged, one error naming the processes that differ), written once as replicated
+arrays, and restored as host-local values again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedlora_jax.federated import distributed
+from fedlora_jax.settings import Section, setting
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -86,7 +100,7 @@ class Checkpointer:
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """Start saving ``state`` and ``meta`` as ``step`` (asynchronous; see ``wait``)."""
         self.wait()
-        storable = _storable(state)
+        storable = _shared(_storable(state), f"checkpoint {self._step_dir(step)}")
         if self._identity is not None:
             meta = {**meta, "identity": self._identity}
         need = _nbytes(storable) + len(json.dumps(meta))
@@ -206,26 +220,33 @@ class Checkpointer:
         return dict(meta.meta or {})
 
     def _restore(self, step: int, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
+        target = jax.tree.map(_restore_target, _storable(like))
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(_storable(like)), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         )
         out = self._manager.restore(step, args=args)
-        return _like(out.state, like), dict(out.meta)
+        restored = jax.tree.map(_back_to_host, out.state, target)
+        return _like(restored, like), dict(out.meta)
 
     def _step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
     def _set_aside(self, after: int, damaged: list[int]) -> None:
         moved = False
+        primary = jax.process_index() == 0  # one process renames; the others see it done
         for step in self._manager.all_steps():
             path = self._step_dir(step)
+            new = None
             if step in damaged:
-                path.rename(path.with_name(f"{step}.damaged"))
-                moved = True
+                new = f"{step}.damaged"
             elif step > after and path.exists() and not _is_complete(path):
-                path.rename(path.with_name(f"{step}.incomplete"))
+                new = f"{step}.incomplete"
+            if new is not None:
+                if primary:
+                    path.rename(path.with_name(new))
                 moved = True
         if moved:
+            distributed.barrier(f"checkpoint set aside {self.directory}")
             self._manager.close()
             self._manager = self._open()
 
@@ -324,6 +345,50 @@ def _storable(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else jnp.asarray(x), tree)
 
 
+def _host_value(x: Any) -> bool:
+    """A value this process holds by itself in a multi-process run (see the module docstring)."""
+    return jax.process_count() > 1 and (not isinstance(x, jax.Array) or x.is_fully_addressable)
+
+
+def _replicated() -> NamedSharding:
+    """Every device of every process holds the whole value."""
+    return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), P())
+
+
+def _shared(tree: PyTree, what: str) -> PyTree:
+    """Host-local leaves as replicated global arrays (orbax refuses host-local arrays in a
+    multi-process save), after checking that every process holds the same values."""
+    hosts = [np.asarray(x) for x in jax.tree.leaves(tree) if _host_value(x)]
+    if not hosts:
+        return tree
+    digest = hashlib.sha256()
+    for x in hosts:
+        digest.update(f"{x.dtype}{x.shape}".encode())
+        digest.update(np.ascontiguousarray(x).tobytes())
+    differ = distributed.differing_processes(digest.hexdigest())
+    if differ:
+        raise CheckpointError(
+            f"{what}: process(es) {differ} hold other host-local values (PRNG key, round, "
+            "numpy leaves) than process 0; a multi-process checkpoint needs them equal"
+        )
+    rep = _replicated()
+    return jax.tree.map(lambda x: distributed.to_global(x, rep) if _host_value(x) else x, tree)
+
+
+def _restore_target(x: Any) -> Any:
+    """Where a leaf is restored: a host-local leaf of a multi-process run as a replicated global
+    array (``_back_to_host`` makes it local again), any other leaf as ``x`` says."""
+    if not _host_value(x):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_replicated())  # x: a jax array
+
+
+def _back_to_host(r: Any, target: Any) -> Any:
+    if isinstance(target, jax.ShapeDtypeStruct):  # every process holds the whole value
+        return jnp.asarray(np.asarray(r))
+    return r
+
+
 def _like(restored: PyTree, like: PyTree) -> PyTree:
     """Re-wrap raw key data where ``like`` holds typed keys; numpy and Python scalar leaves (e.g.
     the engine's round counter) come back as their own type. Orbax returns arrays committed to a
@@ -346,3 +411,12 @@ def _uncommitted(r: Any, like: Any) -> Any:
     if isinstance(like, jax.Array) and not like.committed and getattr(r, "committed", False):
         return jnp.asarray(np.asarray(r))
     return r
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings(Section):
+    """The ``checkpoint`` section of a run config."""
+
+    section = "checkpoint"
+    every: int = setting(1, "save every this many rounds (and the last); 0 = never", low=0)
+    keep: int = setting(2, "checkpoints kept (the newest)", low=1)

@@ -16,6 +16,7 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
@@ -73,7 +74,9 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
 
 def rewrite_metrics(run_dir: str | pathlib.Path, history: Sequence[Mapping[str, Any]]) -> None:
     """Write ``metrics.jsonl`` anew from a checkpoint's metric history (``history[i]`` is round
-    i + 1): on resume, this repairs a last line torn by a kill mid-write."""
+    i + 1): on resume, this repairs a last line torn by a kill mid-write. Process 0 only."""
+    if jax.process_index():
+        return
     rows = ({"round": i, **row} for i, row in enumerate(history, 1))
     (pathlib.Path(run_dir) / METRICS_FILE).write_text("".join(map(_json_line, rows)))
 
@@ -125,6 +128,8 @@ class MetricsLogger:
 
     ``resume_round`` drops rows after that round from an existing ``metrics.jsonl`` (they belong
     to rounds that the resumed run will repeat); otherwise an existing file is replaced.
+    In a multi-process run only process 0 writes, prints and shows the bar; the others' logger
+    does nothing.
     """
 
     def __init__(
@@ -137,6 +142,9 @@ class MetricsLogger:
         echo: Callable[[str], None] | None = None,
     ) -> None:
         self.run_dir = pathlib.Path(run_dir)
+        self._primary = jax.process_index() == 0
+        if not self._primary:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds = rounds
         path = self.run_dir / METRICS_FILE
@@ -151,6 +159,8 @@ class MetricsLogger:
         self._echo = echo or tqdm.tqdm.write
 
     def log(self, round_: int, metrics: Mapping[str, Any]) -> None:
+        if not self._primary:
+            return
         self._file.write(_json_line({"round": round_, **metrics}))
         self._file.flush()
         for name, value in metrics.items():
@@ -163,6 +173,8 @@ class MetricsLogger:
         self._echo(round_line(round_, self.rounds, metrics))
 
     def close(self) -> None:
+        if not self._primary:
+            return
         self._bar.close()
         self._file.close()
         self._tb.close()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,32 @@ def run_worker(module: str, func: str, *args: Any, devices: int = 8, timeout: fl
     )
     assert proc.returncode == 0, f"worker {module}.{func} failed:\n{proc.stderr[-6000:]}"
     return result_of(proc.stdout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the coordinator's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(
+    commands: Sequence[list[str]], env: dict[str, str], timeout: float
+) -> list[subprocess.CompletedProcess]:
+    """Start every command at once (the processes of one multi-process run) and wait for all;
+    on a timeout all are killed and the timeout raised."""
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
+    done = []
+    try:
+        for c, p in zip(commands, procs, strict=True):
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(c, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done

@@ -95,3 +95,14 @@ def test_mesh_config_errors_name_the_keys():
         E.EngineConfig(backend="vmap", mesh=MESH)
     with pytest.raises(ValueError, match="federated.mesh='clients=2,data=4': bad entry 'data=4'"):
         E.EngineConfig(backend="mesh", mesh="clients=2,data=4")
+
+
+def test_sampled_clients_that_do_not_divide_over_the_clients_axis_are_one_line():
+    from fedlora_jax.federated.distributed import MeshError, check_sampled
+
+    check_sampled(6, 3)
+    with pytest.raises(MeshError) as e:
+        check_sampled(3, 2)
+    msg = str(e.value)
+    assert "3 sampled clients per round do not divide over federated.mesh's clients=2" in msg
+    assert "\n" not in msg

@@ -87,12 +87,18 @@ def _size(mesh: Mesh, axis: str) -> int:
 
 def rows_spec(mesh: Mesh, rows: int) -> P:
     """Leading client axis over ``clients`` (it must divide)."""
-    if rows % _size(mesh, CLIENTS):
-        raise MeshError(
-            f"{rows} client rows do not divide over the mesh's clients={_size(mesh, CLIENTS)}; "
-            "sample a multiple of it per round"
-        )
+    check_sampled(rows, _size(mesh, CLIENTS))
     return P(CLIENTS) if CLIENTS in mesh.shape else P()
+
+
+def check_sampled(sampled: int, clients_axis: int) -> None:
+    """K sampled clients must split evenly over the mesh's ``clients`` axis (one line if not)."""
+    if sampled % clients_axis:
+        raise MeshError(
+            f"{sampled} sampled clients per round do not divide over federated.mesh's "
+            f"clients={clients_axis}; set federated.clients_per_round (or client_fraction) to "
+            f"a multiple of {clients_axis}, or make the clients axis divide {sampled}"
+        )
 
 
 def batch_spec(mesh: Mesh, batch_size: int) -> P:
@@ -141,13 +147,18 @@ def shard_batch_rows(x: jax.Array) -> jax.Array:
 ENV_COORDINATOR = "FEDLORA_COORDINATOR"  # host:port of process 0
 ENV_NUM_PROCESSES = "FEDLORA_NUM_PROCESSES"
 ENV_PROCESS_ID = "FEDLORA_PROCESS_ID"
+ENV_DETECT = "FEDLORA_DISTRIBUTED"  # "1": start the runtime, JAX detects the cluster
 
 
 def _cluster_detected(env: Mapping[str, str]) -> bool:
-    """A launcher jax.distributed can read by itself: SLURM with >1 task, or a TPU pod slice."""
+    """A launcher jax.distributed can read by itself: SLURM with >1 task, a TPU slice whose
+    environment lists several workers (GKE, queued resources), or ``FEDLORA_DISTRIBUTED=1``
+    (e.g. a TPU VM pod slice, whose workers JAX finds from the metadata server)."""
     slurm = int(env.get("SLURM_NTASKS", "1") or "1") > 1
-    tpu_pod = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-    return slurm or tpu_pod
+    workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES", "")
+    tpu_pod = len([h for h in workers.split(",") if h]) > 1
+    asked = env.get(ENV_DETECT, "").lower() in ("1", "true", "yes")
+    return slurm or tpu_pod or asked
 
 
 def initialize(
@@ -159,8 +170,9 @@ def initialize(
     """Start JAX's multi-controller runtime when this is one of several processes.
 
     Explicit arguments win, then ``FEDLORA_COORDINATOR`` / ``FEDLORA_NUM_PROCESSES`` /
-    ``FEDLORA_PROCESS_ID``, then jax's own cluster detection (SLURM, TPU pod slices). Returns
-    False (nothing started) for a single process. On CPU the collectives go through gloo.
+    ``FEDLORA_PROCESS_ID``, then jax's own cluster detection where ``_cluster_detected`` sees a
+    launcher (SLURM, TPU slices, ``FEDLORA_DISTRIBUTED=1``). Returns False (nothing started) for
+    a single process. On CPU the collectives go through gloo.
     """
     env = os.environ if env is None else env
     coordinator = coordinator or env.get(ENV_COORDINATOR) or None
@@ -204,16 +216,46 @@ def config_digest(resolved: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_same_config(resolved: Mapping[str, Any]) -> None:
-    """Every process holds the same resolved config, or one clear error on every process."""
+def differing_processes(digest: str) -> list[int]:
+    """The processes whose sha256 hex ``digest`` differs from process 0's (a collective: every
+    process calls it); [] in a single process."""
     if jax.process_count() == 1:
-        return
+        return []
     from jax.experimental import multihost_utils
 
-    digest = config_digest(resolved)
     mine = np.frombuffer(bytes.fromhex(digest), np.uint32)
     everyone = np.asarray(multihost_utils.process_allgather(mine))
-    differ = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
+    return [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def host_local(tree: PyTree) -> PyTree:
+    """``tree`` with every array that spans other processes' devices gathered to a host numpy
+    copy (a collective: every process calls it); other leaves as they are. For work every
+    process then does alone and alike (evaluation)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    def local(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(local, tree)
+
+
+def check_same_config(resolved: Mapping[str, Any]) -> None:
+    """Every process holds the same resolved config, or one clear error on every process."""
+    digest = config_digest(resolved)
+    differ = differing_processes(digest)
     if differ:
         raise MeshError(
             f"processes disagree on the config: process(es) {differ} differ from process 0 "
