@@ -1,8 +1,11 @@
-"""Run configuration: the full key schema, loading ``file.py:preset`` with overrides, validation.
+"""Run configuration: ``RunConfig`` (one typed section per consuming module), the ml_collections
+tree the CLI edits (generated from the sections' defaults), ``file.py:preset`` loading with
+overrides, and validation.
 
-Every key a run reads exists in ``base_config()`` with a typed default, so a CLI override such as
-``--config.federated.rounds=3`` is type-checked by ``ConfigDict`` and a typo is a one-line error
-naming the key and its section's valid keys. Config files (``configs/*.py``) only set presets.
+Every key a run reads is a field of a section (``settings.setting``: default, meaning, allowed
+values), so a CLI override such as ``--config.federated.rounds=3`` is type-checked by
+``ConfigDict`` and a typo is a one-line error naming the key and its section's valid keys.
+Config files (``configs/*.py``) only set presets. ``validate`` returns the typed ``RunConfig``.
 """
 
 from __future__ import annotations
@@ -13,168 +16,111 @@ import importlib.util
 import json
 import math
 import pathlib
-import re
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ml_collections import ConfigDict
 
-from fedlora_jax.adapters.base import TARGET_PRESETS
+from fedlora_jax.adapters.base import AdapterConfig, AdapterSettings
+from fedlora_jax.algorithms.base import AlgorithmSettings
+from fedlora_jax.algorithms.training import OptimSettings
+from fedlora_jax.checkpoint import CheckpointSettings
 from fedlora_jax.data.config import DataConfig
+from fedlora_jax.eval.harness import EvalSettings
+from fedlora_jax.federated.engine import FederatedSettings
+from fedlora_jax.model.config import ModelSettings
+from fedlora_jax.privacy.private import PrivacySettings
+from fedlora_jax.settings import ConfigError, Section, is_free, setting
 
-
-class ConfigError(ValueError):
-    """A user mistake in the run configuration; the CLI prints it as one line."""
-
-
-# Keys with a closed set of values. Keys whose values are owned by another module (adapter.kind,
-# algorithm.name, data.source, ...) are checked by that module's registry at build time.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("float32", "bfloat16"),
-    "model.remat_policy": ("layer", "dots_saveable"),
-    "federated.backend": ("vmap", "chunked", "shard_map", "mesh", "debug"),
-    "optim.schedule": ("constant", "linear", "cosine"),
-    "optim.optimizer_state": ("fresh", "persistent"),
-    "run.on_no_valid_client": ("error", "stop", "continue"),
-    "dp.sampling": ("poisson", "fixed"),
-    "dp.accountant": ("pld", "rdp"),
-}
+__all__ = ["ConfigError", "RunConfig", "base_config", "load_config", "typed", "validate"]
 
 # The adapter kind each algorithm trains, used when adapter.kind = "auto" (others: lora).
 ALGORITHM_KINDS: dict[str, str] = {
     "fedlora_optimizer": "decomposed",
     "fedalt": "mixture",
     "fedgalore": "dense_delta",
+    "feddpa": "dual",
 }
 
 # Sub-sections whose keys are free: builder keyword arguments and data column names.
 FREE_SECTIONS = ("options", "fields")
 
-# (key, lower bound, whether the bound is inclusive)
-BOUNDS: tuple[tuple[str, float, bool], ...] = (
-    ("adapter.r", 1, True),
-    ("adapter.alpha", 0, False),
-    ("adapter.dropout", 0, True),
-    ("federated.rounds", 1, True),
-    ("federated.clients_per_round", 0, True),
-    ("federated.client_fraction", 0, True),
-    ("federated.local_steps", 1, True),
-    ("federated.batch_size", 1, True),
-    ("federated.chunk_size", 1, True),
-    ("optim.lr", 0, False),
-    ("optim.weight_decay", 0, True),
-    ("optim.warmup", 0, True),
-    ("optim.grad_clip", 0, True),
-    ("eval.every", 0, True),
-    ("eval.max_new_tokens", 1, True),
-    ("eval.batch_size", 1, True),
-    ("eval.max_examples_per_client", 0, True),
-    ("checkpoint.every", 0, True),
-    ("checkpoint.keep", 1, True),
-    ("dp.clip", 0, False),
-    ("dp.noise_multiplier", 0, True),
-    ("dp.target_epsilon", 0, True),
-    ("dp.delta", 0, False),
-    ("dp.clip_learning_rate", 0, True),
-    ("dp.clipped_count_stddev", 0, True),
-)
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings(Section):
+    """The ``run`` section: identity and location of the run, and what a failed round does."""
+
+    section = "run"
+    seed: int = setting(0, "initialisation and client-sampling seed")
+    out_dir: str = setting("runs", "the directory that holds run directories")
+    name: str = setting("", "the run directory's name; '' = {tag}-{algorithm.name}-seed{seed}")
+    tag: str = setting("run", "set by presets to <config file>-<preset>")
+    on_no_valid_client: str = setting(
+        "error",
+        "a round in which every sampled client sent non-finite values: error = checkpoint, "
+        "write results.md, exit non-zero; stop = the same with exit 0; continue = train on",
+        choices=("error", "stop", "continue"),
+    )
 
 
-def data_section() -> ConfigDict:
-    """The ``data`` keys with DataConfig's own defaults (its ``fields`` mapping a free section)."""
-    section = ConfigDict()
-    for f in dataclasses.fields(DataConfig):
-        if f.name in FREE_SECTIONS:
-            section[f.name] = ConfigDict()
-        else:
-            section[f.name] = f.default
-    return section
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A validated run configuration: one typed section per module that consumes it."""
+
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    adapter: AdapterSettings = dataclasses.field(default_factory=AdapterSettings)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    algorithm: AlgorithmSettings = dataclasses.field(default_factory=AlgorithmSettings)
+    federated: FederatedSettings = dataclasses.field(default_factory=FederatedSettings)
+    optim: OptimSettings = dataclasses.field(default_factory=OptimSettings)
+    eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
+    dp: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
+    run: RunSettings = dataclasses.field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        """The checks that span sections (each section checked its own keys)."""
+        fed, data = self.federated, self.data
+        if data.num_clients and fed.clients_per_round > data.num_clients:
+            raise ConfigError(
+                f"federated.clients_per_round={fed.clients_per_round} exceeds "
+                f"data.num_clients={data.num_clients}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> RunConfig:
+        """From a (validated or not) ConfigDict or dict; each section checks its own keys."""
+        return cls(**{f.name: f.default_factory.from_mapping(cfg[f.name]) for f in _sections()})
+
+    @property
+    def adapter_kind(self) -> str:
+        """adapter.kind, with "auto" resolved from the algorithm."""
+        return _resolve_kind(self.adapter.kind, self.algorithm.name)
+
+    def adapter_config(self) -> AdapterConfig:
+        """The AdapterConfig the run trains."""
+        return self.adapter.resolve(self.adapter_kind)
+
+
+def _sections() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(RunConfig)
+
+
+def _resolve_kind(kind: str, algorithm: str) -> str:
+    return ALGORITHM_KINDS.get(algorithm, "lora") if kind == "auto" else kind
 
 
 def base_config() -> ConfigDict:
-    """Every key a run reads, with the defaults of the embedded Dolly setting."""
+    """Every key a run reads, with its one default (the sections' fields), as the CLI's tree."""
     c = ConfigDict()
-    c.model = ConfigDict(
-        {
-            "spec": "smollm2-135m",  # alias, local HF folder, or hub id (model.hub.resolve_model)
-            "dtype": "float32",  # storage dtype of the frozen base weights
-            "compute_dtype": "float32",
-            "remat": False,
-            # what a rematerialised layer keeps (model.remat = True): "layer" = nothing inside
-            # the layer, "dots_saveable" = matmul outputs (docs/model.md, measured effect)
-            "remat_policy": "layer",
-        }
-    )
-    c.adapter = ConfigDict(
-        {
-            "kind": "auto",  # auto = the algorithm's own kind (ALGORITHM_KINDS), else lora
-            "r": 8,
-            "alpha": 16.0,
-            "dropout": 0.05,
-            "targets": "qv",
-            "norm_axis": "row",
-            "norm_eps": 1e-6,
-            "init": "default",
-        }
-    )
-    c.data = data_section()  # DataConfig's fields and defaults: one set (docs/data.md)
-    c.algorithm = ConfigDict({"name": "fedit", "options": ConfigDict()})
-    c.federated = ConfigDict(
-        {
-            "rounds": 3,
-            "clients_per_round": 0,  # 0 = every client (see also client_fraction)
-            "client_fraction": 0.0,  # > 0: sample max(1, round(fraction * N)) per round
-            "local_steps": 2,
-            "batch_size": 4,
-            "backend": "vmap",
-            "chunk_size": 2,  # clients per lax.map step for the chunked backend
-            "mesh": "",  # backend mesh: e.g. "clients=2,fsdp=4" (docs/scaling.md)
-            "donate": True,  # donate the round state's buffers to the jitted phase (less memory)
-            "packing": True,  # several examples per row (data.batches.packed_round_batches)
-            # per-client LoRA ranks (algorithms.rank_mask): "" = all at adapter.r, "2,4,8,8",
-            # "cycle:2,4,8" or "uniform:2,4,8" (drawn with run.seed)
-            "client_ranks": "",
-        }
-    )
-    c.optim = ConfigDict(
-        {
-            "lr": 3e-4,
-            "weight_decay": 0.0,
-            "schedule": "constant",
-            "warmup": 0,
-            "grad_clip": 1.0,
-            "optimizer_state": "fresh",
-        }
-    )
-    c.eval = ConfigDict(
-        {
-            "every": 0,  # 0 = only after the last round
-            "max_new_tokens": 32,
-            "batch_size": 8,
-            "max_examples_per_client": 8,  # 0 = the whole test split
-        }
-    )
-    c.checkpoint = ConfigDict({"every": 1, "keep": 2})  # every 0 = never
-    # User-level central DP (DP-FedAvg, docs/privacy.md): noise_multiplier 0 = calibrate σ to
-    # target_epsilon over federated.rounds; target_epsilon 0 = no budget; q (Poisson) or m (fixed)
-    # from federated.client_fraction / clients_per_round; adaptive_clip: Andrew et al. 2021
-    # (clipped_count_stddev 0 = expected clients / 20).
-    c.dp = ConfigDict(
-        {
-            "enabled": False, "clip": 0.1, "noise_multiplier": 0.0, "target_epsilon": 0.0,
-            "delta": 1e-5, "sampling": "poisson", "accountant": "pld", "adaptive_clip": False,
-            "target_quantile": 0.5, "clip_learning_rate": 0.2, "clipped_count_stddev": 0.0,
-        }
-    )  # fmt: skip
-    # The run dir is out_dir/name; name "" derives "{tag}-{algorithm.name}-seed{seed}".
-    # on_no_valid_client: what a round in which every sampled client sent non-finite values
-    # (so the model was not updated) does: "error" = checkpoint, write results.md, exit
-    # non-zero; "stop" = the same with exit 0; "continue" = record it and train on.
-    c.run = ConfigDict(
-        {"seed": 0, "out_dir": "runs", "name": "", "tag": "run", "on_no_valid_client": "error"}
-    )
+    for section in _sections():
+        c[section.name] = ConfigDict(
+            {
+                f.name: ConfigDict() if is_free(f) else f.default
+                for f in dataclasses.fields(section.default_factory)
+            }
+        )
     return c
 
 
@@ -346,8 +292,9 @@ def to_dict(cfg: ConfigDict) -> dict[str, Any]:
 # Validation
 
 
-def validate(cfg: ConfigDict) -> None:
-    """Check the closed choices and bounds; raise ConfigError naming the key and allowed values."""
+def validate(cfg: ConfigDict) -> RunConfig:
+    """The typed config, or a ConfigError (DataError for the data section) naming the key and
+    the allowed values. Unknown keys are refused here, listing the section's valid keys."""
     schema = base_config()
     for section in cfg:
         if section not in schema:
@@ -355,58 +302,23 @@ def validate(cfg: ConfigDict) -> None:
         for key in cfg[section]:
             if key not in schema[section]:
                 raise ConfigError(_unknown(f"{section}.{key}", schema[section]))
-    for key, value in _leaves(cfg):
+    for key, value in _leaves(cfg):  # free sections included
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} is not valid; must be a finite number")
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not valid; allowed: {', '.join(allowed)}")
-    for key, low, inclusive in BOUNDS:
-        value = _get(cfg, key)
-        if value < low or (value == low and not inclusive):
-            op = ">=" if inclusive else ">"
-            raise ConfigError(f"{key}={value!r} is not valid; must be {op} {low}")
-    DataConfig.from_mapping(cfg.data)  # the data module's own checks (DataError, one line)
-    fed, data = cfg.federated, cfg.data
-    if fed.client_fraction > 1:
-        raise ConfigError(
-            f"federated.client_fraction={fed.client_fraction!r} is not valid; must be in [0, 1]"
-        )
-    if fed.clients_per_round and fed.client_fraction:
-        raise ConfigError(
-            "federated.clients_per_round and federated.client_fraction are both set; "
-            "set one (the other 0)"
-        )
-    if data.num_clients and fed.clients_per_round > data.num_clients:
-        raise ConfigError(
-            f"federated.clients_per_round={fed.clients_per_round} exceeds "
-            f"data.num_clients={data.num_clients}"
-        )
-    for key in ("dp.delta", "dp.target_quantile"):
-        if not 0 < _get(cfg, key) < 1:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not valid; must be in (0, 1)")
-    if cfg.adapter.dropout >= 1:
-        raise ConfigError(f"adapter.dropout={cfg.adapter.dropout!r} is not valid; must be < 1")
-    targets = cfg.adapter.targets
-    try:
-        re.compile(TARGET_PRESETS.get(targets, targets))
-    except re.error as e:
-        raise ConfigError(
-            f"adapter.targets={targets!r} is not a valid regular expression ({e}); "
-            f"use a preset ({', '.join(TARGET_PRESETS)}) or a regex over module paths like "
-            "'layers.0.attn.q_proj'"
-        ) from None
+    return RunConfig.from_config(cfg)
+
+
+def typed(cfg: ConfigDict | RunConfig) -> RunConfig:
+    """The typed config (a ConfigDict is validated first)."""
+    return cfg if isinstance(cfg, RunConfig) else validate(cfg)
 
 
 def adapter_kind(cfg: ConfigDict) -> str:
     """adapter.kind, with "auto" resolved from the algorithm."""
-    if cfg.adapter.kind != "auto":
-        return cfg.adapter.kind
-    return ALGORITHM_KINDS.get(cfg.algorithm.name, "lora")
+    return _resolve_kind(cfg.adapter.kind, cfg.algorithm.name)
 
 
-def run_name(cfg: ConfigDict) -> str:
+def run_name(cfg: ConfigDict | RunConfig) -> str:
     """The run directory's name: run.name, or one derived from tag, algorithm and seed."""
     return cfg.run.name or f"{cfg.run.tag}-{cfg.algorithm.name}-seed{cfg.run.seed}"
 
@@ -421,10 +333,3 @@ def _leaves(node: ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
         else:
             out.append((name, value))
     return out
-
-
-def _get(cfg: ConfigDict, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node

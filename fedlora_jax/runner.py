@@ -28,12 +28,11 @@ from ml_collections import ConfigDict
 
 from fedlora_jax import algorithms
 from fedlora_jax import config as config_lib
-from fedlora_jax.adapters.base import AdapterConfig
 from fedlora_jax.algorithms.base import Algorithm, OptionsError, Phase, reads_run_length
 from fedlora_jax.algorithms.rank_mask import parse_client_ranks
 from fedlora_jax.algorithms.training import ClientTraining
 from fedlora_jax.checkpoint import Checkpointer
-from fedlora_jax.config import ConfigError
+from fedlora_jax.config import ConfigError, RunConfig
 from fedlora_jax.data.batches import (
     client_round_batches,
     packed_round_batches,
@@ -61,6 +60,7 @@ from fedlora_jax.privacy.private import DpSettings
 from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, drop_line, write_results
 
 PyTree = Any
+Config = ConfigDict | RunConfig  # a ConfigDict is validated into a RunConfig where it is read
 CLIENT_TABLE_FILE = "clients.csv"
 CHECKPOINT_DIR = "checkpoints"
 # Keys that may differ between a run and its resumption: where the run lives, how often it
@@ -103,67 +103,41 @@ class NoValidClientError(RuntimeError):
     ``run.on_no_valid_client="error"``; the run dir holds its checkpoint and results.md."""
 
 
-def adapter_config(cfg: ConfigDict) -> AdapterConfig:
-    a = cfg.adapter
-    kind = config_lib.adapter_kind(cfg)
-    return AdapterConfig(
-        kind=kind, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
-        norm_axis=a.norm_axis, norm_eps=a.norm_eps, init=a.init,
-    )  # fmt: skip
-
-
-def client_training(cfg: ConfigDict, model_cfg: LlamaConfig) -> ClientTraining:
-    o = cfg.optim
-    return ClientTraining(
-        model=model_cfg,
-        adapter=adapter_config(cfg),
-        local_steps=cfg.federated.local_steps,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        schedule=o.schedule,
-        warmup_steps=o.warmup,
-        grad_clip=o.grad_clip,
-        optimizer_state=o.optimizer_state,
-        compute_dtype=cfg.model.compute_dtype,
-        remat=cfg.model.remat and cfg.model.remat_policy,
+def client_training(cfg: Config, model_cfg: LlamaConfig) -> ClientTraining:
+    """What every client trains with: the optim section, the adapter and model settings."""
+    rc = config_lib.typed(cfg)
+    return rc.optim.client_training(
+        model_cfg, rc.adapter_config(), rc.federated.local_steps, rc.model
     )
 
 
-def sampled_per_round(cfg: ConfigDict, num_clients: int) -> int:
-    f = cfg.federated
+def sampled_per_round(cfg: Config, num_clients: int) -> int:
+    f = config_lib.typed(cfg).federated
     return num_sampled(num_clients, f.clients_per_round or None, f.client_fraction or None)
 
 
-def engine_config(cfg: ConfigDict) -> EngineConfig:
-    f = cfg.federated
-    return EngineConfig(
-        backend=f.backend,
-        chunk_size=f.chunk_size,
-        mesh=f.mesh,
-        clients_per_round=f.clients_per_round or None,
-        client_fraction=f.client_fraction or None,
-        seed=cfg.run.seed,
-        rounds=f.rounds,
-        donate=f.donate,
-    )
+def engine_config(cfg: Config) -> EngineConfig:
+    rc = config_lib.typed(cfg)
+    return rc.federated.engine_config(rc.run.seed)
 
 
-def build_algorithm(cfg: ConfigDict, training: ClientTraining, num_clients: int) -> Algorithm:
+def build_algorithm(cfg: Config, training: ClientTraining, num_clients: int) -> Algorithm:
     """``algorithms.get(name)(training, **options)``; a wrong option is a one-line error
     (``algorithms.base.OptionsError``) listing the valid options with types and defaults."""
-    builder = algorithms.get(cfg.algorithm.name)
-    options = cfg.algorithm.options.to_dict()
-    if cfg.algorithm.name == "centralized":  # same examples per round as the federated runs
-        options.setdefault("clients_per_round", sampled_per_round(cfg, num_clients))
-    if cfg.federated.client_ranks or "client_ranks" in options:
-        options["client_ranks"] = _client_ranks(cfg, builder, options, num_clients)
+    rc = config_lib.typed(cfg)
+    builder = algorithms.get(rc.algorithm.name)
+    options = dict(rc.algorithm.options)
+    if rc.algorithm.name == "centralized":  # same examples per round as the federated runs
+        options.setdefault("clients_per_round", sampled_per_round(rc, num_clients))
+    if rc.federated.client_ranks or "client_ranks" in options:
+        options["client_ranks"] = _client_ranks(rc, builder, options, num_clients)
     try:
         return builder(training, **options)
     except OptionsError as e:
         raise ConfigError(str(e)) from None
 
 
-def _client_ranks(cfg: ConfigDict, builder: Any, options: dict, num_clients: int) -> str:
+def _client_ranks(cfg: RunConfig, builder: Any, options: dict, num_clients: int) -> str:
     """federated.client_ranks resolved to one rank per client ("2,4,8,8"), the option of the
     algorithms that train heterogeneous ranks; a ConfigError for any other algorithm."""
     spec, name = cfg.federated.client_ranks, cfg.algorithm.name
@@ -186,26 +160,27 @@ def _takes_ranks(name: str) -> bool:
     return "client_ranks" in {f.name for f in dataclasses.fields(algorithms.get(name).options)}
 
 
-def load_model(cfg: ConfigDict) -> tuple[LlamaConfig, PyTree, Any]:
+def load_model(cfg: Config) -> tuple[LlamaConfig, PyTree, Any]:
     """(architecture, base weights in model.dtype, tokenizer) for model.spec."""
-    resolved = resolve_model(cfg.model.spec, dtype=jnp.dtype(cfg.model.dtype))
+    model = config_lib.typed(cfg).model
+    resolved = resolve_model(model.spec, dtype=jnp.dtype(model.dtype))
     return resolved.cfg, resolved.base, resolved.tokenizer
 
 
-def build(cfg: ConfigDict, *, verbose: bool = True) -> Setup:
+def build(cfg: Config, *, verbose: bool = True) -> Setup:
     """Load the model and data and build the algorithm for ``cfg`` (validated first)."""
-    config_lib.validate(cfg)
-    model_cfg, base, tokenizer = load_model(cfg)
-    data = prepare_federated_data(cfg.data, tokenizer, verbose=verbose)
-    training = client_training(cfg, model_cfg)
-    algorithm = build_algorithm(cfg, training, len(data.clients))
-    engine, dp = engine_config(cfg), None
-    if cfg.dp.enabled:
+    rc = config_lib.typed(cfg)
+    model_cfg, base, tokenizer = load_model(rc)
+    data = prepare_federated_data(rc.data, tokenizer, verbose=verbose)
+    training = client_training(rc, model_cfg)
+    algorithm = build_algorithm(rc, training, len(data.clients))
+    engine, dp = engine_config(rc), None
+    if rc.dp.enabled:
         try:
-            algorithm, engine, dp = dp_run.for_run(cfg.dp, algorithm, engine, len(data.clients))
+            algorithm, engine, dp = dp_run.for_run(rc.dp, algorithm, engine, len(data.clients))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    batches = RoundBatches(data, algorithm, cfg)
+    batches = RoundBatches(data, algorithm, rc)
     return Setup(model_cfg, base, tokenizer, training, algorithm, engine, data, batches, dp)
 
 
@@ -220,7 +195,8 @@ class RoundBatches:
     built prints the packing efficiency (real tokens / slots).
     """
 
-    def __init__(self, data: FederatedData, algorithm: Algorithm, cfg: ConfigDict) -> None:
+    def __init__(self, data: FederatedData, algorithm: Algorithm, cfg: Config) -> None:
+        cfg = config_lib.typed(cfg)
         self._clients = [c.train for c in data.clients]
         if algorithm.pooled_data:
             self._clients = [_concat([c.train for c in data.clients])]
@@ -299,14 +275,15 @@ def run(
     config_lib.validate(cfg)
     cfg = cfg.copy_and_resolve_references()
     cfg.adapter.kind = config_lib.adapter_kind(cfg)  # config.json records the kind trained
-    run_dir = pathlib.Path(cfg.run.out_dir) / config_lib.run_name(cfg)
+    rc = config_lib.validate(cfg)
+    run_dir = pathlib.Path(rc.run.out_dir) / config_lib.run_name(rc)
     _prepare_run_dir(run_dir, cfg, resume)
-    setup = setup or build(cfg, verbose=progress)
-    state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
+    setup = setup or build(rc, verbose=progress)
+    state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=rc.run.seed)
     history: list[dict[str, Any]] = []
-    rounds = cfg.federated.rounds
-    keep = cfg.checkpoint.keep
-    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=keep, identity=_identity(cfg)) as ckpt:
+    rounds = rc.federated.rounds
+    keep = rc.checkpoint.keep
+    with Checkpointer(run_dir / CHECKPOINT_DIR, keep=keep, identity=_identity(rc)) as ckpt:
         ckpt.ensure_space(state, copies=keep + 1)  # the kept rounds and the one being written
         if resume and ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)
@@ -331,11 +308,11 @@ def run(
                     if ckpt.latest_step() != state.round:
                         ckpt.save(state.round, state, _meta(state, history))
                     break
-                state, row, last_report = _one_round(cfg, setup, state)
+                state, row, last_report = _one_round(rc, setup, state)
                 history.append(row)
                 logger.log(state.round, row)
-                halted = _halt_reason(cfg, state.round, row, run_dir)
-                every = cfg.checkpoint.every
+                halted = _halt_reason(rc, state.round, row, run_dir)
+                every = rc.checkpoint.every
                 stopping = halted or (
                     stop_after_round is not None and state.round >= stop_after_round
                 )
@@ -350,17 +327,17 @@ def run(
         return RunResult(run_dir, state, history, None, spent)
     if halted:
         write_results(run_dir, data=data_summary(setup.data), stopped=halted)
-        if cfg.run.on_no_valid_client == "error":
+        if rc.run.on_no_valid_client == "error":
             raise NoValidClientError(halted)
         print(f"warning: {halted}", file=sys.stderr)
     elif state.round >= rounds:
-        final = _final_eval(cfg, setup, state, run_dir, last_report)
+        final = _final_eval(rc, setup, state, run_dir, last_report)
         write_results(run_dir)
     return RunResult(run_dir, state, history, final, halted)
 
 
 def _halt_reason(
-    cfg: ConfigDict, round_: int, row: Mapping[str, Any], run_dir: pathlib.Path
+    cfg: RunConfig, round_: int, row: Mapping[str, Any], run_dir: pathlib.Path
 ) -> str | None:
     """The one-line reason to stop after ``round_`` (a phase in which every sampled client sent
     non-finite values), or None; always None under ``run.on_no_valid_client="continue"``."""
@@ -382,12 +359,12 @@ def data_summary(data: FederatedData) -> dict[str, Any]:
     return {"drop_counts": dict(data.drop_counts), "duplicates": int(data.duplicates)}
 
 
-def _identity(cfg: ConfigDict) -> dict[str, Any]:
+def _identity(cfg: RunConfig) -> dict[str, Any]:
     """What a checkpoint's state shape depends on, stored in its meta so that restoring it into
     another config is one line naming both (instead of orbax's tree dump)."""
     a = cfg.adapter
     return {
-        "algorithm": cfg.algorithm.name, "adapter": config_lib.adapter_kind(cfg), "rank": a.r,
+        "algorithm": cfg.algorithm.name, "adapter": cfg.adapter_kind, "rank": a.r,
         "targets": a.targets, "model": cfg.model.spec,
     }  # fmt: skip
 
@@ -399,7 +376,7 @@ def _meta(state: EngineState, history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _one_round(
-    cfg: ConfigDict, setup: Setup, state: EngineState
+    cfg: RunConfig, setup: Setup, state: EngineState
 ) -> tuple[EngineState, dict, dict | None]:
     start, cpu_start = time.perf_counter(), time.process_time()
     state, metrics = run_round(
@@ -463,10 +440,11 @@ def eval_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     return row
 
 
-def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[str, Any]:
+def evaluate_state(cfg: Config, setup: Setup, state: EngineState) -> dict[str, Any]:
     """The eval harness's global/personal report for the models in ``state``; with a partition
     that holds out a global test split (Shepherd's 80 rows), also ``global_test``: the global
     model's metrics on it (None when either is missing)."""
+    cfg = config_lib.typed(cfg)
     models = engine_models(setup.algorithm, state, len(setup.data.clients), setup.engine)
     personal = None if models.personal_is_global else models.personal
     tests = client_test_sets(setup.data, cfg.eval.max_examples_per_client)
@@ -489,7 +467,7 @@ def evaluate_state(cfg: ConfigDict, setup: Setup, state: EngineState) -> dict[st
 
 
 def _final_eval(
-    cfg: ConfigDict,
+    cfg: RunConfig,
     setup: Setup,
     state: EngineState,
     run_dir: pathlib.Path,
@@ -521,7 +499,7 @@ def evaluate_checkpoint(
     if bad:
         raise ConfigError(f"evaluate: only eval.* keys may be overridden, got {bad}")
     config_lib.apply_overrides(cfg, overrides)
-    config_lib.validate(cfg)
+    cfg = config_lib.validate(cfg)
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, identity=_identity(cfg))
     with ckpt:
         ckpt.check_identity(round_)  # before the expensive build

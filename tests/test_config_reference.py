@@ -16,6 +16,10 @@ def test_config_reference_page_is_current():
     spec.loader.exec_module(module)
     text = module.reference()
     backend = next(line for line in text.splitlines() if line.startswith("| `federated.backend`"))
-    assert "vmap \\| chunked" in backend and "\\| debug" in backend
+    assert "| vmap, chunked, shard_map, mesh, debug |" in backend
+    lr = next(line for line in text.splitlines() if line.startswith("| `optim.lr`"))
+    assert (
+        lr == "| `optim.lr` | `0.0003` | float | > 0 | peak learning rate of the client optimizer |"
+    )
     assert "| `fedprox` | `mu` | `0.01` | `float` |" in text
     assert (REPO / "docs" / "config.md").read_text() == text, "run scripts/config_reference.py"

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from fedlora_jax.model.config import module_paths
+from fedlora_jax.settings import Section, setting
 
 Array = jax.Array
 Leaf = dict[str, Array]  # one module's adapter parameters, e.g. {"A": ..., "B": ...}
@@ -79,6 +80,49 @@ class AdapterConfig:
                 x.dtype
             )
         return get_kind(self.kind).apply(leaf, x, self, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings(Section):
+    """The ``adapter`` section of a run config; ``resolve`` gives the AdapterConfig trained."""
+
+    section = "adapter"
+    kind: str = setting(
+        "auto", "auto = the algorithm's own kind (config.ALGORITHM_KINDS), else lora"
+    )
+    r: int = setting(8, "LoRA rank (the largest one with federated.client_ranks)", low=1)
+    alpha: float = setting(16.0, "LoRA alpha; the scale is alpha / r", low=0, inclusive=False)
+    dropout: float = setting(0.05, "dropout on the adapter's input while training", low=0)
+    targets: str = setting(
+        "qv", f"adapted linears: a preset ({', '.join(TARGET_PRESETS)}) or a regex over module "
+        "paths like 'layers.0.attn.q_proj'"
+    )  # fmt: skip
+    norm_axis: str = setting("row", "decomposed: the norm axis of A and B", choices=NORM_AXES)
+    norm_eps: float = setting(1e-6, "decomposed: epsilon inside the norm", low=0, inclusive=False)
+    init: str = setting(
+        "default",
+        "decomposed: default = B_M 0; paper_literal = small non-zero B",
+        choices=INIT_SCHEMES,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dropout >= 1:
+            raise self.fail("dropout", "must be < 1")
+        try:
+            re.compile(TARGET_PRESETS.get(self.targets, self.targets))
+        except re.error as e:
+            raise self.fail(
+                "targets",
+                f"it is not a regular expression ({e}); use a preset "
+                f"({', '.join(TARGET_PRESETS)}) or a regex over module paths like "
+                "'layers.0.attn.q_proj'",
+            ) from None
+
+    def resolve(self, kind: str) -> AdapterConfig:
+        """The AdapterConfig trained, with ``kind`` ("auto" already resolved)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return AdapterConfig(**{**values, "kind": kind})
 
 
 @dataclasses.dataclass(frozen=True)

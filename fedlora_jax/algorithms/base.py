@@ -21,6 +21,7 @@ from flax import struct
 
 from fedlora_jax.algorithms.training import ClientTraining
 from fedlora_jax.federated.context import RoundInfo
+from fedlora_jax.settings import Section, setting
 
 PyTree = Any
 Array = jax.Array
@@ -298,3 +299,13 @@ def names() -> list[str]:
     from fedlora_jax import algorithms as _pkg  # noqa: F401
 
     return sorted(_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSettings(Section):
+    """The ``algorithm`` section of a run config: the method and its options (a free section,
+    typed by the method's own Options when it is built)."""
+
+    section = "algorithm"
+    name: str = setting("fedit", "the method (docs/methods.md)")
+    options: Mapping[str, Any] = setting({}, "the method's Options (table below)")

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from fedlora_jax.adapters.base import AdapterConfig
-from fedlora_jax.model.config import LlamaConfig
+from fedlora_jax.model.config import LlamaConfig, ModelSettings
+from fedlora_jax.settings import Section, setting
 
 PyTree = Any
 Array = jax.Array
@@ -53,6 +54,36 @@ class ClientTraining:
     optimizer_state: str = "fresh"  # fresh (new AdamW each round) | persistent (kept per client)
     compute_dtype: str = "float32"  # float32 | bfloat16
     remat: bool | str = False  # False | True (= "layer") | "dots_saveable": model.llama._remat
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings(Section):
+    """The ``optim`` section of a run config: every client's optimizer (AdamW)."""
+
+    section = "optim"
+    lr: float = setting(3e-4, "peak learning rate of the client optimizer", low=0, inclusive=False)
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0)
+    schedule: str = setting(
+        "constant", "learning-rate schedule over a phase's client steps", choices=SCHEDULES
+    )
+    warmup: int = setting(0, "linear warmup steps", low=0)
+    grad_clip: float = setting(1.0, "global-norm gradient clip; 0 disables", low=0)
+    optimizer_state: str = setting(
+        "fresh",
+        "fresh = a new AdamW every round; persistent = kept per client",
+        choices=OPTIMIZER_STATES,
+    )
+
+    def client_training(
+        self, model: LlamaConfig, adapter: AdapterConfig, local_steps: int, settings: ModelSettings
+    ) -> ClientTraining:
+        """What every algorithm trains a client with (model dtypes and remat from ``settings``)."""
+        return ClientTraining(
+            model=model, adapter=adapter, local_steps=local_steps, lr=self.lr,
+            weight_decay=self.weight_decay, schedule=self.schedule, warmup_steps=self.warmup,
+            grad_clip=self.grad_clip, optimizer_state=self.optimizer_state,
+            compute_dtype=settings.compute_dtype, remat=settings.remat_arg(),
+        )  # fmt: skip
 
 
 def validate_training(training: ClientTraining) -> None:

@@ -31,6 +31,7 @@ from fedlora_jax.model.generate import generate_stacked, left_pad
 
 PyTree = Any
 LENGTH_BUCKET = 16  # pad lengths to a multiple of this, so similar test sets share compilations
+from fedlora_jax.settings import Section, setting
 
 
 class Decoder(Protocol):
@@ -394,3 +395,16 @@ def evaluate(
         "personal": _records(personal_scores, personal_preds, every),
     }
     return report, predictions
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings(Section):
+    """The ``eval`` section of a run config: when and how much ``evaluate`` scores."""
+
+    section = "eval"
+    every: int = setting(0, "evaluate every this many rounds; 0 = only after the last", low=0)
+    max_new_tokens: int = setting(32, "greedy generation length (stops at EOS)", low=1)
+    batch_size: int = setting(8, "test examples per generation/loss batch", low=1)
+    max_examples_per_client: int = setting(
+        8, "the first this many of each client's test rows; 0 = the whole split", low=0
+    )

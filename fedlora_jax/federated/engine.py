@@ -35,6 +35,7 @@ from fedlora_jax.federated import distributed
 from fedlora_jax.federated.comm import first_download_share, phase_bytes
 from fedlora_jax.federated.context import RoundInfo
 from fedlora_jax.federated.sampling import poisson_sample, sample_clients
+from fedlora_jax.settings import ConfigError, Section, setting
 
 PyTree = Any
 Array = jax.Array
@@ -561,3 +562,46 @@ def models(
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.round), SERVER_KEY)
     info = RoundInfo(jnp.int32(state.round), key, config.rounds, n)
     return algorithm.models(state.server_state, state.client_states, info)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedSettings(Section):
+    """The ``federated`` section of a run config: rounds, sampling, client work and backend."""
+
+    section = "federated"
+    rounds: int = setting(3, "rounds in the run", low=1)
+    clients_per_round: int = setting(0, "clients sampled per round; 0 = every client", low=0)
+    client_fraction: float = setting(
+        0.0, "> 0: sample max(1, round(fraction * N)) clients per round", low=0
+    )
+    local_steps: int = setting(2, "client steps per round", low=1)
+    batch_size: int = setting(4, "rows per client step", low=1)
+    backend: str = setting("vmap", "how a round's clients run (docs/engine.md)", choices=BACKENDS)
+    chunk_size: int = setting(2, "chunked backend: clients per lax.map step", low=1)
+    mesh: str = setting("", "mesh backend: e.g. clients=2,fsdp=4 (docs/scaling.md)")
+    donate: bool = setting(True, "donate the round state's buffers to the jitted phase")
+    packing: bool = setting(True, "several examples per row (data.batches.packed_round_batches)")
+    client_ranks: str = setting(
+        "",
+        "per-client LoRA ranks: '' = all at adapter.r, '2,4,8,8', 'cycle:2,4,8' or "
+        "'uniform:2,4,8' (drawn with run.seed)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.client_fraction > 1:
+            raise self.fail("client_fraction", "must be in [0, 1]")
+        if self.clients_per_round and self.client_fraction:
+            raise ConfigError(
+                "federated.clients_per_round and federated.client_fraction are both set; "
+                "set one (the other 0)"
+            )
+
+    def engine_config(self, seed: int) -> EngineConfig:
+        """How the engine runs these rounds (sampling seeded with ``seed``)."""
+        return EngineConfig(
+            backend=self.backend, chunk_size=self.chunk_size, mesh=self.mesh,
+            clients_per_round=self.clients_per_round or None,
+            client_fraction=self.client_fraction or None,
+            seed=seed, rounds=self.rounds, donate=self.donate,
+        )  # fmt: skip

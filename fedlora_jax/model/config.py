@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fedlora_jax.settings import Section, setting
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
@@ -165,3 +167,30 @@ def module_paths(num_layers: int) -> list[str]:
         paths += [f"layers.{i}.attn.{m}" for m in ATTN_MODULES]
         paths += [f"layers.{i}.mlp.{m}" for m in MLP_MODULES]
     return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings(Section):
+    """The ``model`` section of a run config: which base model, its dtypes and remat."""
+
+    section = "model"
+    spec: str = setting(
+        "smollm2-135m", "alias, local HF folder, GGUF file or hub id (model.hub.resolve_model)"
+    )
+    dtype: str = setting(
+        "float32", "storage dtype of the frozen base weights", choices=("float32", "bfloat16")
+    )
+    compute_dtype: str = setting(
+        "float32", "dtype of activations and matmuls", choices=("float32", "bfloat16")
+    )
+    remat: bool = setting(False, "recompute each layer in the backward pass (less memory)")
+    remat_policy: str = setting(
+        "layer",
+        "what a rematerialised layer keeps: layer = nothing inside it, dots_saveable = matmul "
+        "outputs (docs/model.md has the measured memory)",
+        choices=("layer", "dots_saveable"),
+    )
+
+    def remat_arg(self) -> bool | str:
+        """``remat`` as the model's forward takes it: False, or the policy name."""
+        return self.remat and self.remat_policy

@@ -17,7 +17,7 @@ subsampled-Gaussian accounting does not allow for.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,9 +30,42 @@ from fedlora_jax.federated.engine import SERVER_KEY
 from fedlora_jax.federated.sampling import num_sampled
 from fedlora_jax.privacy import accountant
 from fedlora_jax.privacy.mechanism import ClipState, clip_updates, gaussian_sum
+from fedlora_jax.settings import Section, setting
 
 PyTree = Any
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySettings(Section):
+    """The ``dp`` section of a run config: user-level central DP (DP-FedAvg, docs/privacy.md)."""
+
+    section = "dp"
+    enabled: bool = setting(False, "train under DP-FedAvg")
+    clip: float = setting(0.1, "per-client update clip norm C", low=0, inclusive=False)
+    noise_multiplier: float = setting(
+        0.0, "σ; 0 = calibrated to target_epsilon over federated.rounds", low=0
+    )
+    target_epsilon: float = setting(0.0, "the ε budget at delta; 0 = no budget", low=0)
+    delta: float = setting(1e-5, "δ of the (ε, δ) guarantee, in (0, 1)", low=0, inclusive=False)
+    sampling: str = setting(
+        "poisson",
+        "poisson = each client joins with q = client_fraction (or m/N); fixed = m per round",
+        choices=("poisson", "fixed"),
+    )
+    accountant: str = setting("pld", "dp-accounting's accountant", choices=("pld", "rdp"))
+    adaptive_clip: bool = setting(False, "adapt C to a quantile (Andrew et al. 2021)")
+    target_quantile: float = setting(0.5, "adaptive clipping: the unclipped share, in (0, 1)")
+    clip_learning_rate: float = setting(0.2, "adaptive clipping: C's learning rate", low=0)
+    clipped_count_stddev: float = setting(
+        0.0, "adaptive clipping: noise on the clipped count; 0 = expected clients / 20", low=0
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("delta", "target_quantile"):
+            if not 0 < getattr(self, key) < 1:
+                raise self.fail(key, "must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +104,7 @@ class DpSettings:
 
 
 def settings(
-    dp: Mapping[str, Any],
+    dp: PrivacySettings,
     num_clients: int,
     rounds: int,
     clients_per_round: int | None = None,
@@ -82,21 +115,20 @@ def settings(
     when ``noise_multiplier`` is 0. ValueError (one line) for an impossible combination."""
     m = num_sampled(num_clients, clients_per_round, client_fraction)
     rate = client_fraction or m / num_clients
-    z, target = float(dp["noise_multiplier"]), float(dp["target_epsilon"]) or None
+    z, target = dp.noise_multiplier, dp.target_epsilon or None
     if z <= 0 and target is None:
         raise ValueError(
             "dp.enabled needs dp.noise_multiplier > 0 or dp.target_epsilon > 0 (σ is then "
             "calibrated to it over federated.rounds)"
         )
-    mech = accountant.Mechanism(z, dp["sampling"], num_clients, rate, m, dp["accountant"])
+    mech = accountant.Mechanism(z, dp.sampling, num_clients, rate, m, dp.accountant)
     if z <= 0:
-        z = accountant.calibrate(mech, rounds, target, dp["delta"])
+        z = accountant.calibrate(mech, rounds, target, dp.delta)
         mech = dataclasses.replace(mech, noise_multiplier=z)
     expected = rate * num_clients if mech.sampling == "poisson" else m
     out = DpSettings(
-        mech, float(dp["clip"]), float(dp["delta"]), target, bool(dp["adaptive_clip"]),
-        float(dp["target_quantile"]), float(dp["clip_learning_rate"]),
-        float(dp["clipped_count_stddev"]) or expected / 20,  # Andrew et al.'s default
+        mech, dp.clip, dp.delta, target, dp.adaptive_clip, dp.target_quantile,
+        dp.clip_learning_rate, dp.clipped_count_stddev or expected / 20,  # Andrew et al.'s default
     )  # fmt: skip
     _ = out.update_noise_multiplier  # checks the adaptive split is possible
     return out

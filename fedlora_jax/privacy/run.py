@@ -4,19 +4,23 @@ clip fraction each round, and stop before a round that would exceed the budget."
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 from ml_collections import ConfigDict
 
 from fedlora_jax.algorithms.base import Algorithm
 from fedlora_jax.federated.engine import EngineConfig, EngineState
-from fedlora_jax.privacy.private import DpSettings, PrivateAlgorithm, privatise, settings
+from fedlora_jax.privacy.private import (
+    DpSettings,
+    PrivacySettings,
+    PrivateAlgorithm,
+    privatise,
+    settings,
+)
 
 
 def for_run(
-    dp: Mapping[str, Any], algorithm: Algorithm, engine: EngineConfig, num_clients: int
+    dp: PrivacySettings, algorithm: Algorithm, engine: EngineConfig, num_clients: int
 ) -> tuple[PrivateAlgorithm, EngineConfig, DpSettings]:
     """(private algorithm, engine config with Poisson sampling when asked, settings). σ is
     calibrated over ``engine.rounds`` when only ``dp.target_epsilon`` is set."""
