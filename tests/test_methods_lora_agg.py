@@ -225,11 +225,16 @@ def engine_round(alg, base, config):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_heterogeneous_round_is_one_program_with_zero_padding(model, name):
+    check_heterogeneous_round(model, name)
+
+
+def check_heterogeneous_round(model, name, **options):
     """A round with ranks (2, 4, 2, 4): vmap and chunked agree; every rank-2 client's upload
     keeps rows/columns >= 2 exactly zero after real training; its personal model is the global
-    truncated to rank 2; the bytes count each client at its own rank."""
+    truncated to rank 2; the bytes count each client at its own rank. (Shared with the tests of
+    the methods that live in their own files, e.g. test_hetlora.py.)"""
     cfg, base = model
-    alg = get(name)(training(cfg), client_ranks=",".join(map(str, RANKS)))
+    alg = get(name)(training(cfg), client_ranks=",".join(map(str, RANKS)), **options)
     vmap_cfg = E.EngineConfig(clients_per_round=3, seed=3)
     chunk_cfg = E.EngineConfig(backend="chunked", chunk_size=2, clients_per_round=3, seed=3)
     state_v, metrics = engine_round(alg, base, vmap_cfg)

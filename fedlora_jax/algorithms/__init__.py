@@ -20,7 +20,9 @@ from fedlora_jax.algorithms import (  # noqa: F401 (imports register the builder
     ffa_lora,
     flexlora,
     flora,
+    hetlora,
     local_only,
+    lora_fair,
     rolora,
     scaffold,
 )

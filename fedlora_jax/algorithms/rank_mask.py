@@ -14,7 +14,8 @@ Every rank must lie in [1, adapter.r].
 
 ``with_client_ranks(algorithm, ranks)`` wraps a FedAvg-family algorithm: the client state gains
 the rank; each client receives the broadcast truncated to its rank (the server sends only those
-components), trains, and uploads at its rank (the padded components stay exactly zero: they
+components; its ``client_update`` also finds the rank in the payload as ``"rank"``), trains, and
+uploads at its rank (the padded components stay exactly zero: they
 get zero gradients, so AdamW and weight decay leave them at 0); its personal model is the
 global one truncated to its rank. The client reports ``down_rank/{A,B}`` and ``up_rank/{A,B}``
 (the components it received and sent), which ``federated.comm`` counts.
@@ -111,24 +112,30 @@ def _rank_metrics(prefix: str, rank: Array, metrics: dict[str, Array]) -> dict[s
 
 
 def with_client_ranks(
-    algorithm: Algorithm, ranks: tuple[int, ...], *, prune: Prune | None = None
+    algorithm: Algorithm,
+    ranks: tuple[int, ...],
+    *,
+    prune: Prune | None = None,
+    r_max: int | None = None,
 ) -> Algorithm:
-    """``algorithm`` (FedAvg family: payload ``{"params": ...}``) with per-client ranks.
+    """``algorithm`` (FedAvg family: payload ``{"params": ...}``) with per-client ranks; with
+    ``ranks`` empty, every client starts at ``r_max``.
 
     ``prune(trained, received, rank) -> rank`` lets a client lower its rank after training
     (HetLoRA); its upload is truncated to the new rank.
     """
-    ranks_arr = np.asarray(ranks, np.int32)
 
     def init(key: Array, base: PyTree, n: int) -> tuple[PyTree, RankedClients]:
-        if len(ranks) != n:
+        start = ranks or (r_max,) * n
+        if len(start) != n or None in start:
             raise ValueError(f"federated.client_ranks has {len(ranks)} ranks for {n} clients")
         server, clients = algorithm.init(key, base, n)
-        return server, RankedClients(clients, jnp.asarray(ranks_arr))
+        return server, RankedClients(clients, jnp.asarray(np.asarray(start, np.int32)))
 
     def wrap(phase: Phase) -> Phase:
         def client_update(base, payload, state: RankedClients, batches, key, info):
-            mine = {**payload, "params": truncate(payload["params"], state.rank)}
+            params = truncate(payload["params"], state.rank)
+            mine = {**payload, "params": params, "rank": state.rank}
             upload, inner, metrics = phase.client_update(
                 base, mine, state.inner, batches, key, info
             )
@@ -182,12 +189,13 @@ class RankOptions:
 
 
 def ranked(algorithm: Algorithm, r_max: int, options: RankOptions, **hooks: Any) -> Algorithm:
-    """``algorithm`` with the options' client ranks (``with_client_ranks``), or as is without."""
-    if not options.ranks:
+    """``algorithm`` with the options' client ranks (``with_client_ranks``), or as is without
+    ranks and hooks (with a hook, e.g. HetLoRA's ``prune``, every client starts at r_max)."""
+    if not options.ranks and not hooks:
         return algorithm
-    if max(options.ranks) > r_max:
+    if options.ranks and max(options.ranks) > r_max:
         raise ValueError(
             f"client_ranks={options.client_ranks!r}: ranks above adapter.r={r_max} "
             "(every client holds adapter.r-sized factors)"
         )
-    return with_client_ranks(algorithm, options.ranks, **hooks)
+    return with_client_ranks(algorithm, options.ranks, r_max=r_max, **hooks)
