@@ -1,6 +1,6 @@
 """Adapter kinds as pure pytrees + functions; importing the package registers every kind."""
 
-from fedlora_jax.adapters import decomposed, dense_delta, lora, mixture  # noqa: F401 (register)
+from fedlora_jax.adapters import decomposed, dense_delta, dual, lora, mixture  # noqa: F401 (register)
 from fedlora_jax.adapters.base import AdapterConfig, get_kind, select_targets
 from fedlora_jax.adapters.decomposed import decompose, recompose
 from fedlora_jax.adapters.mixture import mixer_weights

@@ -10,6 +10,7 @@ from fedlora_jax.algorithms import (  # noqa: F401 (imports register the builder
     fedadam,
     fedalt,
     fedavgm,
+    feddpa,
     fedex_lora,
     fedgalore,
     fedit,

@@ -9,6 +9,9 @@ calls on the same test sets (every round) compile nothing.
 
 Both sections run as K lanes of one vmapped program (K = clients): personal lane i is client i's
 split under its adapter, global deals the union over the lanes under copies of the global adapter.
+An adapter kind with a ``condition`` (kind ``dual``: FedDPA's instance-wise weight) has its
+adapters set per example from each batch's prompts, in one vmapped program, before that batch's
+loss and generation; every other kind is evaluated exactly as before.
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedlora_jax.adapters.base import AdapterConfig
+from fedlora_jax.adapters.base import AdapterConfig, get_kind
 from fedlora_jax.eval.metrics import best_match
 from fedlora_jax.eval.report import ExampleScore, build_report
 from fedlora_jax.model import llama, loss
 from fedlora_jax.model.config import LlamaConfig
 from fedlora_jax.model.generate import generate_stacked, left_pad
+from fedlora_jax.settings import Section, setting
 
 PyTree = Any
 LENGTH_BUCKET = 16  # pad lengths to a multiple of this, so similar test sets share compilations
-from fedlora_jax.settings import Section, setting
 
 
 class Decoder(Protocol):
@@ -133,6 +136,28 @@ def _loss_fn(cfg: LlamaConfig, adapter_cfg: AdapterConfig | None, compute_dtype:
     return jax.jit(example_nll)
 
 
+@functools.cache
+def _condition_fn(cfg: LlamaConfig, adapter_cfg: AdapterConfig | None, compute_dtype: Any):
+    """(base, adapters [K, ...], prompt tokens, prompt mask [K, B, P]) -> the adapters for those
+    B examples of each lane, from the kind's ``condition``; None when the kind has none."""
+    condition = (
+        None if adapter_cfg is None else getattr(get_kind(adapter_cfg.kind), "condition", None)
+    )
+    if condition is None:
+        return None
+
+    def per_example(base: PyTree, adapters: PyTree, tokens, mask):
+        def one(adapters: PyTree, tokens, mask):
+            return condition(
+                base, adapters, tokens, mask,
+                cfg=cfg, adapter_cfg=adapter_cfg, compute_dtype=compute_dtype,
+            )  # fmt: skip
+
+        return jax.vmap(one)(adapters, tokens, mask)
+
+    return jax.jit(per_example)
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -213,6 +238,7 @@ def _launch(
     """Dispatch generation and loss for every batch depth, all K lanes (adapters) in one call;
     returns device arrays without waiting, so host scoring overlaps the device work."""
     nll_fn = _loss_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
+    condition = _condition_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
     shapes = setup.shapes
     pending = []
     for depth in range(len(lanes[0])):
@@ -224,12 +250,16 @@ def _launch(
             left_pad([ex.prompt_ids for ex in r], setup.pad_id, shapes.prompt_len) for r in rows
         ]
         sequences = [_sequence_batch(r, shapes.seq_len, setup.pad_id) for r in rows]
+        prompt_tokens, prompt_mask = (np.stack(x) for x in zip(*prompts, strict=True))
+        adapters = stacked
+        if condition is not None:  # adapters set per example (FedDPA's instance-wise weight)
+            adapters = condition(base, stacked, prompt_tokens, prompt_mask)
         generated = generate_stacked(
-            base, stacked, *(np.stack(x) for x in zip(*prompts, strict=True)),
+            base, adapters, prompt_tokens, prompt_mask,
             cfg=setup.cfg, adapter_cfg=setup.adapter_cfg, max_new_tokens=setup.max_new_tokens,
             eos_ids=setup.eos_ids, compute_dtype=setup.compute_dtype, pad_id=setup.pad_id,
         )  # fmt: skip
-        nll = nll_fn(base, stacked, *(np.stack(x) for x in zip(*sequences, strict=True)))
+        nll = nll_fn(base, adapters, *(np.stack(x) for x in zip(*sequences, strict=True)))
         pending.append((generated, nll))
     return pending
 
