@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 from fedlora_jax.adapters import AdapterConfig  # noqa: E402
 from fedlora_jax.algorithms import ClientTraining, RoundInfo, get, names  # noqa: E402
 from fedlora_jax.algorithms.base import keys_placed  # noqa: E402
+from fedlora_jax.algorithms.rank_mask import RankedClients  # noqa: E402
 from fedlora_jax.config import ALGORITHM_KINDS  # noqa: E402
 from fedlora_jax.federated import engine as E  # noqa: E402
 from fedlora_jax.model.config import LlamaConfig  # noqa: E402
@@ -89,6 +90,8 @@ def placement_summary(name: str) -> tuple[str, str, str]:
     models = jax.eval_shape(lambda s, c: alg.models(s, c, info), server, clients)
     if models.personal is None:
         own = "= global"
+    elif isinstance(clients, RankedClients) and listed("personal") == "—":
+        own = "= global, at the client's rank"
     elif models.global_ is None:
         own = "own (no global model)"
     else:
