@@ -14,12 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_checkpoint import _assert_same
 from test_engine import SIZES, STEPS, N, make_batches, tiny_stories
 
 from fedlora_jax.adapters import AdapterConfig, label_tree
 from fedlora_jax.algorithms import ClientTraining, get
 from fedlora_jax.algorithms.base import merge_trees, select_keys
-from fedlora_jax.algorithms.fedalt import LABEL_RULE, rest_of_world, row_weights
+from fedlora_jax.algorithms.fedalt import (
+    LABEL_RULE,
+    ClientState,
+    ServerState,
+    rest_of_world,
+    row_weights,
+)
 from fedlora_jax.algorithms.training import local_train, make_loss_fn, make_optimizer
 from fedlora_jax.federated import engine as E
 
@@ -126,8 +133,8 @@ def test_rest_of_world_is_zero_until_another_client_uploads():
 def test_init_gives_independent_clients_and_an_all_zero_first_broadcast(training):
     alg = get("fedalt")(training)
     server, clients = alg.init(jax.random.PRNGKey(0), None, N)
-    assert not np.any(server["uploaded"]) and "opt_state" not in clients
-    ind = at(clients["individual"])
+    assert not np.any(server.uploaded) and clients.opt_state == {}
+    ind = at(clients.individual)
     assert set(ind) == {"A1", "B1", "G"} and ind["A1"].shape == (N, 2, 64)
     assert not np.any(ind["B1"]) and np.abs(ind["A1"][0] - ind["A1"][1]).max() > 0
     assert np.abs(ind["G"][0] - ind["G"][1]).max() > 0
@@ -136,7 +143,7 @@ def test_init_gives_independent_clients_and_an_all_zero_first_broadcast(training
     assert at(payload)["A0"].shape == (3, 2, 64)
     persistent = dataclasses.replace(training, optimizer_state="persistent")
     _, clients = get("fedalt")(persistent).init(jax.random.PRNGKey(0), None, N)
-    assert {x.shape[0] for x in jax.tree.leaves(clients["opt_state"])} == {N}
+    assert {x.shape[0] for x in jax.tree.leaves(clients.opt_state)} == {N}
 
 
 def test_aggregate_keeps_latest_copies_and_skips_excluded_clients(training):
@@ -147,7 +154,7 @@ def test_aggregate_keeps_latest_copies_and_skips_excluded_clients(training):
 
     def uploads(k):
         return jax.tree.map(
-            lambda x: rng.normal(size=(k, *x.shape[1:])).astype(np.float32), server["individual"]
+            lambda x: rng.normal(size=(k, *x.shape[1:])).astype(np.float32), server.individual
         )
 
     up1 = uploads(3)  # round 1: clients 0, 1, 2 take part
@@ -155,8 +162,8 @@ def test_aggregate_keeps_latest_copies_and_skips_excluded_clients(training):
     up2 = jax.tree.map(lambda u: u.copy(), uploads(3))  # round 2: 1, 2, 3; client 2 excluded
     at(up2)["A1"][1] = np.nan
     s2 = phase.aggregate(s1, up2, jnp.array([2.0, 0.0, 4.0]), jnp.array([1, 2, 3]), INFO)
-    np.testing.assert_array_equal(s2["uploaded"], [True, True, True, True])
-    copies = at(s2["individual"])
+    np.testing.assert_array_equal(s2.uploaded, [True, True, True, True])
+    copies = at(s2.individual)
     for name in ("A1", "B1"):
         want = np.stack([at(up1)[name][0], at(up2)[name][0], at(up1)[name][2], at(up2)[name][2]])
         np.testing.assert_array_equal(copies[name], want)
@@ -171,7 +178,7 @@ def test_aggregate_keeps_latest_copies_and_skips_excluded_clients(training):
     global_adapters, personal = models.global_, models.personal
     assert global_adapters is None and not models.personal_is_global
     assert set(at(personal)) == set(LEAF_KEYS)
-    np.testing.assert_array_equal(at(personal)["G"], at(clients["individual"])["G"])
+    np.testing.assert_array_equal(at(personal)["G"], at(clients.individual)["G"])
     np.testing.assert_allclose(
         at(personal)["A0"][1], np_row(copies["A1"], [True] * 4, 1), rtol=1e-6, atol=1e-6
     )
@@ -191,12 +198,12 @@ def test_client_trains_A1_B1_G_and_leaves_a_nonzero_RoW_bitwise_unchanged(model,
     alg = get("fedalt")(training)
     _, clients = alg.init(jax.random.PRNGKey(0), None, N)
     rng = np.random.default_rng(1)
-    own = select_keys(clients["individual"], ("A1", "B1"))
+    own = select_keys(clients.individual, ("A1", "B1"))
     row = jax.tree.map(
         lambda x: rng.normal(size=x.shape[1:]).astype(np.float32) * 0.1,
         rest_of_world(own, jnp.ones(N, bool), jnp.arange(1)),
     )
-    params = merge_trees(row, jax.tree.map(lambda x: x[0], clients["individual"]))
+    params = merge_trees(row, jax.tree.map(lambda x: x[0], clients.individual))
 
     def labels(tree):
         return label_tree(tree, LABEL_RULE)
@@ -230,7 +237,7 @@ def test_upload_holds_A1_B1_only(model, training):
     upload, state, _ = jax.eval_shape(
         phase.client_update, base, payload, row, batch, jax.random.PRNGKey(0), INFO
     )
-    assert jax.tree.structure(upload) == jax.tree.structure(server["individual"])
+    assert jax.tree.structure(upload) == jax.tree.structure(server.individual)
     assert {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(upload)} == {"A1", "B1"}
     assert jax.tree.structure(state) == jax.tree.structure(row)  # G stays on the client
 
@@ -258,36 +265,36 @@ def test_engine_rounds_keep_individual_LoRA_and_router_personal(two_rounds):
     assert [m["clients"] for m in metrics] == [[0, 1, 3], [0, 1, 2]]
     assert all(np.isfinite(m["train/loss"]) and m["train/excluded"] == [] for m in metrics)
     s0, s1, s2 = states
-    np.testing.assert_array_equal(s1.server_state["uploaded"], [True, True, False, True])
-    np.testing.assert_array_equal(s2.server_state["uploaded"], [True] * 4)
+    np.testing.assert_array_equal(s1.server_state.uploaded, [True, True, False, True])
+    np.testing.assert_array_equal(s2.server_state.uploaded, [True] * 4)
     for state in (s1, s2):  # the server's copy is exactly what the client keeps training
-        ind, copies = at(state.client_states["individual"]), at(state.server_state["individual"])
-        up = state.server_state["uploaded"]
+        ind, copies = at(state.client_states.individual), at(state.server_state.individual)
+        up = state.server_state.uploaded
         for name in ("A1", "B1"):
             np.testing.assert_array_equal(ind[name][up], copies[name][up])
     # client 3 sat out round 1: its LoRA and router are untouched (never reset to an aggregate)
     for name in ("A1", "B1", "G"):
         np.testing.assert_array_equal(
-            at(s2.client_states["individual"])[name][3], at(s1.client_states["individual"])[name][3]
+            at(s2.client_states.individual)[name][3], at(s1.client_states.individual)[name][3]
         )
         for c in (0, 1):  # took part twice: trained on from its own round-1 result
             assert (
                 np.abs(
-                    at(s2.client_states["individual"])[name][c]
-                    - at(s1.client_states["individual"])[name][c]
+                    at(s2.client_states.individual)[name][c]
+                    - at(s1.client_states.individual)[name][c]
                 ).max()
                 > 0
             )
     # client 2 sat out round 0 (untouched) and trained in round 1
     for name in ("A1", "G"):
-        ind = [at(s.client_states["individual"])[name][2] for s in (s0, s1, s2)]
+        ind = [at(s.client_states.individual)[name][2] for s in (s0, s1, s2)]
         np.testing.assert_array_equal(ind[1], ind[0])
         assert np.abs(ind[2] - ind[1]).max() > 0
     # personal models: each client's RoW is the leave-one-out mean of the server's copies
     models = E.models(alg, s2, N)
     g, personal = models.global_, models.personal
     assert g is None
-    copies = at(s2.server_state["individual"])
+    copies = at(s2.server_state.individual)
     for c in range(N):
         for name in ("A", "B"):
             np.testing.assert_allclose(
@@ -371,5 +378,26 @@ def test_state_round_trips_through_a_checkpoint(two_rounds, tmp_path):
         ckpt.save(2, s2, {"round": 2})
         ckpt.wait()
         restored, meta = ckpt.restore(s0)
-    assert meta["round"] == 2 and restored.server_state["uploaded"].dtype == bool
+    assert meta["round"] == 2 and restored.server_state.uploaded.dtype == bool
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), s2)
+
+
+def test_typed_states_and_a_round_through_a_checkpoint(model, two_rounds, tmp_path):
+    """init gives the typed states (server copies and flags [N], client rows [N]); the state
+    after one real round, saved and restored into a fresh init_state, is bitwise equal."""
+    from fedlora_jax.checkpoint import Checkpointer
+
+    alg, states, _ = two_rounds
+    fresh = E.init_state(alg, model[1], N, seed=0)
+    server, clients = fresh.server_state, fresh.client_states
+    assert isinstance(server, ServerState) and isinstance(clients, ClientState)
+    assert server.uploaded.shape == (N,) and server.uploaded.dtype == bool
+    for tree, keys in ((server.individual, {"A1", "B1"}), (clients.individual, {"A1", "B1", "G"})):
+        assert set(at(tree)) == keys and {x.shape[0] for x in jax.tree.leaves(tree)} == {N}
+    assert clients.opt_state == {}  # optimizer_state = fresh
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, states[1], {"round": 1})
+        ckpt.wait()
+        restored, _ = ckpt.restore(fresh)
+    assert isinstance(restored.server_state, ServerState)
+    _assert_same(restored, states[1])

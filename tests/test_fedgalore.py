@@ -7,11 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_checkpoint import _assert_same
 
 from fedlora_jax import algorithms
 from fedlora_jax.adapters import AdapterConfig
 from fedlora_jax.algorithms import ClientTraining
-from fedlora_jax.algorithms.fedgalore import make_galore_optimizer, rebuild_delta, upload_factors
+from fedlora_jax.algorithms.fedgalore import (
+    ServerState,
+    make_galore_optimizer,
+    rebuild_delta,
+    upload_factors,
+)
 from fedlora_jax.algorithms.training import make_loss_fn
 from fedlora_jax.federated.engine import EngineConfig, RoundInfo, init_state, models, run_round
 from fedlora_jax.model.convert import load_hf_folder
@@ -69,7 +75,7 @@ def by_hand(model, training, batches):
     """Each client run with a plain Python loop: own loss, clip + GaLore-AdamW, cold Adam."""
     cfg, base = model
     alg = _build(training, sync="none")
-    zeros = alg.init(jax.random.key(0), base, K)[0]["adapters"]
+    zeros = alg.init(jax.random.key(0), base, K)[0].adapters
     tx = optax.chain(
         optax.clip_by_global_norm(1.0), galore.galore_adamw(LR, rank=RANK, update_proj_gap=200)
     )
@@ -111,18 +117,19 @@ def test_sync_none_is_local_galore_then_fedavg(model, training, batches, by_hand
     alg = _build(training, sync="none")
     _, new, metrics = _round(alg, base, batches)
     want = _fedavg([p for p, _, _ in by_hand])
-    got = _flat(new.server_state["adapters"])
+    got = _flat(new.server_state.adapters)
     for key, value in _flat(want).items():
         np.testing.assert_allclose(got[key], value, rtol=2e-4, atol=1e-7)
     assert max(np.abs(v).max() for v in got.values()) > 1e-3  # the round changed the model
-    assert set(new.server_state) == {"adapters"}
+    server = new.server_state  # no shared moment: its fields are empty
+    assert (server.basis, server.nu, server.synced, server.joint_rank) == ({}, {}, {}, {})
     # Uplink: the factors of every target's rank-r ΔW, 4 bytes per entry: the projected change
     # (r x the larger side) and the projector (r x the smaller side). Downlink: the global ΔW.
     assert metrics["comm/up_bytes_per_client"] == sum(4 * RANK * (m + n) for m, n in DIMS)
     assert metrics["comm/down_bytes_per_client"] == sum(4 * m * n for m, n in DIMS)
     got_models = models(alg, new, K)
     assert got_models.personal is None and got_models.personal_is_global
-    assert got_models.global_ is new.server_state["adapters"]
+    assert got_models.global_ is new.server_state.adapters
 
 
 def _stacked(by_hand):
@@ -135,9 +142,9 @@ def _check_shared(server, uploads, method, key=None):
     """The server state equals ajive.shared_second_moment on the hand-run clients' uploads
     (``key``: the aggregate's key; leaf i draws AJIVE's bounds from its fold i)."""
     w = jnp.asarray(SIZES)
-    assert bool(server["synced"])
+    assert bool(server.synced)
     nus, projs = _flat(uploads["nu"]), _flat(uploads["proj"])
-    basis, shared, kept = _flat(server["basis"]), _flat(server["nu"]), _flat(server["joint_rank"])
+    basis, shared, kept = _flat(server.basis), _flat(server.nu), _flat(server.joint_rank)
     settings = ajive.AjiveSettings(RANK // 2, SAMPLES)
     top = RANK // 2 if method == "ajive" else RANK
     ranks = []
@@ -154,14 +161,19 @@ def _check_shared(server, uploads, method, key=None):
         np.testing.assert_allclose(value, s, rtol=2e-3, atol=1e-12)
         assert value.min() >= 0.0 and (value.max() > 0.0) == (int(k) > 0)
     for name, value in _flat(_fedavg([p for p, _, _ in uploads["hand"]])).items():
-        np.testing.assert_allclose(_flat(server["adapters"])[name], value, rtol=2e-4, atol=1e-7)
+        np.testing.assert_allclose(_flat(server.adapters)[name], value, rtol=2e-4, atol=1e-7)
     return ranks
 
 
-def test_sync_mean_round_through_the_engine(model, training, batches, by_hand):
-    _, base = model
+@pytest.fixture(scope="module")
+def mean_round(model, training, batches):
+    """(algorithm, initial state, state after one engine round, metrics) with sync=mean."""
     alg = _build(training, sync="mean")
-    _, new, metrics = _round(alg, base, batches)
+    return alg, *_round(alg, model[1], batches)
+
+
+def test_sync_mean_round_through_the_engine(mean_round, by_hand):
+    _, _, new, metrics = mean_round
     _check_shared(new.server_state, {**_stacked(by_hand), "hand": by_hand}, "mean")
     # Hand count per target m x n, 4 bytes per entry. Uplink: the factors (projected change,
     # r x the larger side, and projector, r x the smaller side) plus the projected moment
@@ -173,6 +185,30 @@ def test_sync_mean_round_through_the_engine(model, training, batches, by_hand):
         up,
         down,
     )
+
+
+def test_typed_states_and_a_round_through_a_checkpoint(mean_round, tmp_path):
+    """init gives the typed server state (no client axis: the global ΔW per target, the shared
+    moment in its rank-r basis, scalar flags) and empty client states; the state after one real
+    round, saved and restored into a fresh init_state, is bitwise equal."""
+    from fedlora_jax.checkpoint import Checkpointer
+
+    _, fresh, after, _ = mean_round  # the engine does not donate (ENGINE.donate=False)
+    server = fresh.server_state
+    assert isinstance(server, ServerState) and fresh.client_states == {}
+    assert sorted(x.shape for x in jax.tree.leaves(server.adapters)) == sorted(DIMS)  # [in, out]
+    for tree in (server.basis, server.nu):
+        assert all(x.ndim == 2 and RANK in x.shape for x in jax.tree.leaves(tree))
+        assert jax.tree.structure(tree) == jax.tree.structure(server.adapters)
+    assert (server.synced.shape, server.synced.dtype) == ((), bool) and not bool(server.synced)
+    ranks = {(x.shape, x.dtype) for x in jax.tree.leaves(server.joint_rank)}
+    assert ranks == {((), np.dtype(np.int32))}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, after, {"round": 1})
+        ckpt.wait()
+        restored, _ = ckpt.restore(fresh)
+    assert isinstance(restored.server_state, ServerState) and bool(restored.server_state.synced)
+    _assert_same(restored, after)
 
 
 def test_factor_upload_rebuilds_the_rank_r_update(model, training, batches, by_hand):
@@ -210,7 +246,7 @@ def test_second_round_starts_from_the_shared_moment(model, training, batches):
     """A huge shared second moment must shrink the first steps; round 0 (unsynced) ignores it."""
     _, base = model
     default = algorithms.get("fedgalore")(training, rank=RANK)
-    shapes = jax.eval_shape(lambda: default.init(jax.random.key(0), base, K))[0]["adapters"]
+    shapes = jax.eval_shape(lambda: default.init(jax.random.key(0), base, K))[0].adapters
     assert len(_flat(shapes)) == 5 * 4  # default targets: attn q, k, v, o in every layer
     alg = _build(training, sync="ajive")
     server, clients = alg.init(jax.random.key(0), base, K)

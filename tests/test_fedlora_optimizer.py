@@ -13,12 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_checkpoint import _assert_same
 from test_engine import SIZES, N, assert_trees_close, make_batches, tiny_stories
 
 from fedlora_jax.adapters import AdapterConfig, get_kind, init_adapters
 from fedlora_jax.algorithms import ClientTraining, get
 from fedlora_jax.algorithms.base import select_keys
-from fedlora_jax.algorithms.fedlora_optimizer import COMPONENTS, SHARED, phase_optimizers
+from fedlora_jax.algorithms.fedlora_optimizer import (
+    COMPONENTS,
+    SHARED,
+    ClientState,
+    ServerState,
+    phase_optimizers,
+)
 from fedlora_jax.algorithms.training import local_train, make_loss_fn
 from fedlora_jax.federated import engine as E
 
@@ -149,20 +156,20 @@ def test_optimizer_routing_matches_hand_computed_adam(training):
     # state structure: the global phase's Adam holds every component in its "shared" group, the
     # personal phase's Adam holds B_M only, in its "personal" group
     for name, label, held in (
-        ("opt_state", "shared", COMPONENTS),
-        ("local_opt_state", "personal", ("B_M",)),
+        ("global_opt_state", "shared", COMPONENTS),
+        ("personal_opt_state", "personal", ("B_M",)),
     ):
-        state = clients[name]
+        state = getattr(clients, name)
         mu = at(adam_mu(state, label))
         assert {k for k, v in mu.items() if isinstance(v, jax.Array)} == set(held), name
-        assert mu[held[0]].shape == (N, *at(server["adapters"])[held[0]].shape)
+        assert mu[held[0]].shape == (N, *at(server.adapters)[held[0]].shape)
         other = {"shared": "personal", "personal": "shared"}[label]
         assert all(isinstance(v, optax.MaskedNode) for v in at(adam_mu(state, other)).values())
 
     train_g = dataclasses.replace(plain, lr=0.1)
     train_l = dataclasses.replace(plain, lr=0.01)
     tx_g, _, tx_l, _ = phase_optimizers(train_g, train_l, COMPONENTS)
-    params = server["adapters"]
+    params = server.adapters
     rng = np.random.default_rng(0)
     grads = [
         jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
@@ -190,7 +197,7 @@ def test_personal_phase_training_changes_only_bm(model, training):
     cfg, base = model
     alg = get("fedlora_optimizer")(training)
     server, _ = alg.init(jax.random.PRNGKey(0), base, N)
-    params = jax.tree.map(lambda x: x + 0.1, server["adapters"])  # B_M ≠ 0: all grads flow
+    params = jax.tree.map(lambda x: x + 0.1, server.adapters)  # B_M ≠ 0: all grads flow
     _, _, tx_l, labels_l = phase_optimizers(training, training, COMPONENTS)
     loss_fn = make_loss_fn(training)
     batches = batch_of(1)
@@ -231,37 +238,37 @@ def test_aggregate_matches_numpy(training, options):
     alg = get("fedlora_optimizer")(training, **options)
     server, _ = alg.init(jax.random.PRNGKey(0), None, N)
     aggregated = tuple(c for c in COMPONENTS if c in options.get("aggregate", COMPONENTS))
-    uploads = stacked_like(select_keys(server["adapters"], aggregated), 3, 1)
+    uploads = stacked_like(select_keys(server.adapters, aggregated), 3, 1)
     poisoned = jax.tree.map(lambda u: jnp.asarray(u).at[1].set(jnp.nan), uploads)
     got = alg.phases[0].aggregate(server, poisoned, WEIGHTS, IDS, INFO)
     want = np_fedavg(uploads, WEIGHTS)
     for c in COMPONENTS:
         if c in aggregated:
-            assert_trees_close(select_keys(got["adapters"], (c,)), select_keys(want, (c,)))
+            assert_trees_close(select_keys(got.adapters, (c,)), select_keys(want, (c,)))
         else:  # kept on the server bitwise
-            np.testing.assert_array_equal(at(got["adapters"])[c], at(server["adapters"])[c])
+            np.testing.assert_array_equal(at(got.adapters)[c], at(server.adapters)[c])
 
 
 def test_global_and_personal_models_differ_only_in_bm(training):
     alg = get("fedlora_optimizer")(training)
     server, clients = alg.init(jax.random.PRNGKey(0), None, N)
-    server = {**server, "adapters": stacked_like(server["adapters"], 1, 2)}
-    server["adapters"] = jax.tree.map(lambda x: x[0], server["adapters"])
-    clients = {
-        **clients,
-        "B_M": stacked_like(jax.tree.map(lambda x: x[0], clients["B_M"]), N, 3),
-        "has_bm": jnp.array([True, False, True, False]),
-    }
+    server = server.replace(
+        adapters=jax.tree.map(lambda x: x[0], stacked_like(server.adapters, 1, 2))
+    )
+    clients = clients.replace(
+        B_M=stacked_like(jax.tree.map(lambda x: x[0], clients.B_M), N, 3),
+        has_bm=jnp.array([True, False, True, False]),
+    )
     models = alg.models(server, clients, INFO)
     g, personal = models.global_, models.personal
-    assert g is server["adapters"] and not models.personal_is_global
+    assert g is server.adapters and not models.personal_is_global
     for path, x in leaves_by_key(personal).items():
         ref = np.asarray(at(g, path[:-1])[path[-1]])
         for i in range(N):
-            if path[-1] in SHARED or not clients["has_bm"][i]:
+            if path[-1] in SHARED or not clients.has_bm[i]:
                 np.testing.assert_array_equal(x[i], ref)
             else:
-                np.testing.assert_array_equal(x[i], np.asarray(at(clients["B_M"], path))[i])
+                np.testing.assert_array_equal(x[i], np.asarray(at(clients.B_M, path))[i])
                 assert np.abs(x[i] - ref).max() > 0
 
 
@@ -293,8 +300,8 @@ def test_engine_round_runs_both_phases(default_round):
     assert metrics["global/aggregated"] and not metrics["personal/aggregated"]
     server = state.server_state
     for c in COMPONENTS:  # the global phase trains and aggregates all four components
-        assert np.abs(at(server["adapters"])[c] - at(server0["adapters"])[c]).max() > 0, c
-    has = np.asarray(state.client_states["has_bm"])
+        assert np.abs(at(server.adapters)[c] - at(server0.adapters)[c]).max() > 0, c
+    has = np.asarray(state.client_states.has_bm)
     assert has[ids].all() and not has[sorted(set(range(N)) - set(ids))].any()
     models = E.models(alg, state, N)
     g, personal = models.global_, models.personal
@@ -305,9 +312,36 @@ def test_engine_round_runs_both_phases(default_round):
         np.testing.assert_array_equal(np.asarray(at(personal)[c])[ids[0]], at(g)[c])
     # communication: the global phase sends the adapter down and up, the personal phase the new
     # global adapter down and nothing up
-    nbytes = sum(x.nbytes for x in jax.tree.leaves(server0["adapters"]))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(server0.adapters))
     assert metrics["comm/up_bytes_per_client"] == nbytes
     assert metrics["comm/down_bytes_per_client"] == 2 * nbytes
+
+
+def test_typed_states_and_a_round_through_a_checkpoint(model, training, default_round, tmp_path):
+    """init gives the typed states (the global adapter without a client axis, client rows [N]);
+    the state after one real round, saved and restored into a fresh init_state, is bitwise
+    equal."""
+    from fedlora_jax.checkpoint import Checkpointer
+
+    cfg, base = model
+    alg, _, state, _ = default_round
+    fresh = E.init_state(alg, base, N, seed=0)
+    server, clients = fresh.server_state, fresh.client_states
+    assert isinstance(server, ServerState) and isinstance(clients, ClientState)
+    assert set(at(server.adapters)) == set(COMPONENTS)
+    assert jax.tree.map(jnp.shape, server.adapters) == jax.tree.map(
+        jnp.shape, init_adapters(jax.random.PRNGKey(0), cfg, training.adapter)
+    )
+    assert set(at(clients.B_M)) == {"B_M"}
+    assert {x.shape[0] for x in jax.tree.leaves(clients.B_M)} == {N}
+    assert clients.has_bm.shape == (N,) and clients.has_bm.dtype == bool
+    assert clients.global_opt_state == {} == clients.personal_opt_state  # optimizer_state=fresh
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state, {"round": 1})
+        ckpt.wait()
+        restored, _ = ckpt.restore(fresh)
+    assert isinstance(restored.client_states, ClientState)
+    _assert_same(restored, state)
 
 
 def test_persistent_bm_is_the_start_of_the_next_personal_phase(model, training, default_round):
@@ -316,17 +350,17 @@ def test_persistent_bm_is_the_start_of_the_next_personal_phase(model, training, 
     alg, _, state, metrics = default_round
     client = metrics["clients"][0]
     row = jax.tree.map(lambda x: x[client], state.client_states)
-    row["B_M"] = jax.tree.map(lambda x: x + 1.0, row["B_M"])  # far from the global B_M
+    row = row.replace(B_M=jax.tree.map(lambda x: x + 1.0, row.B_M))  # far from the global B_M
     batches = {k: v[client] for k, v in round_batches(5, 1)["personal"].items()}
     key = jax.random.PRNGKey(0)
     restart = get("fedlora_optimizer")(
         training, local_steps_personal=1, local_lr=5e-2, personal_bm="restart"
     )
     outs = [
-        a.phases[1].client_update(base, state.server_state, row, batches, key, INFO)[1]["B_M"]
+        a.phases[1].client_update(base, state.server_state, row, batches, key, INFO)[1].B_M
         for a in (alg, restart)
     ]
-    own, shared = at(row["B_M"])["B_M"], at(state.server_state["adapters"])["B_M"]
+    own, shared = at(row.B_M)["B_M"], at(state.server_state.adapters)["B_M"]
     # Adam's first step moves each entry by <= lr: the start is recoverable entry-wise
     np.testing.assert_allclose(at(outs[0])["B_M"], own, atol=5e-2 + 1e-6)
     np.testing.assert_allclose(at(outs[1])["B_M"], shared, atol=5e-2 + 1e-6)
@@ -350,14 +384,14 @@ def test_paper_literal_final_local_phase(model, training):
     config = dataclasses.replace(CONFIG, rounds=2)
     server0 = jax.tree.map(np.array, state.server_state)
     state, m1 = E.run_round(alg, state, base, round_batches(0, 1), SIZES, config)
-    a1 = jax.tree.map(np.array, state.server_state["adapters"])
+    a1 = jax.tree.map(np.array, state.server_state.adapters)
     for c in COMPONENTS:
-        changed = np.abs(at(a1)[c] - at(server0["adapters"])[c]).max() > 0
+        changed = np.abs(at(a1)[c] - at(server0.adapters)[c]).max() > 0
         assert changed == (c == "A_D"), c
-    assert np.isnan(m1["personal/loss"]) and not np.asarray(state.client_states["has_bm"]).any()
+    assert np.isnan(m1["personal/loss"]) and not np.asarray(state.client_states.has_bm).any()
     state, m2 = E.run_round(alg, state, base, round_batches(1, 1), SIZES, config)
     assert np.isfinite(m2["personal/loss"])
-    assert np.asarray(state.client_states["has_bm"])[m2["clients"]].all()
+    assert np.asarray(state.client_states.has_bm)[m2["clients"]].all()
 
 
 def test_final_local_phase_runs_after_a_round_without_valid_client(model, training):
@@ -383,4 +417,4 @@ def test_final_local_phase_runs_after_a_round_without_valid_client(model, traini
     state, m2 = E.run_round(alg, state, base, round_batches(1, 1), SIZES, config)
     assert m2["global/aggregated"] is True
     assert np.isfinite(m2["personal/loss"])
-    assert np.asarray(state.client_states["has_bm"])[m2["clients"]].all()
+    assert np.asarray(state.client_states.has_bm)[m2["clients"]].all()

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from fedlora_jax.adapters import init_adapters, label_tree
 from fedlora_jax.algorithms.base import (
@@ -38,11 +39,17 @@ from fedlora_jax.algorithms.base import (
     keys_placed,
     merge_trees,
     register,
+    replicate,
     require_kind,
     select_keys,
 )
-from fedlora_jax.algorithms.common import init_client_states, train_client
-from fedlora_jax.algorithms.training import ClientTraining, make_loss_fn, make_optimizer
+from fedlora_jax.algorithms.training import (
+    ClientTraining,
+    local_train,
+    make_loss_fn,
+    make_optimizer,
+    opt_state_or_init,
+)
 
 Array = jax.Array
 Tree = dict[str, Any]
@@ -58,6 +65,23 @@ TO_ROW = dict(zip(INDIVIDUAL_KEYS, ROW_KEYS, strict=True))
 # Optimizer routing: RoW frozen (zero update); A1, B1 and G one group, so one clip norm over all
 # trainable arrays as the official HF Trainer computes it.
 LABEL_RULE = {k: "frozen" if k in ROW_KEYS else "shared" for k in PLACEMENT}
+
+
+@struct.dataclass
+class ServerState:
+    """The server's latest copy of every client's individual LoRA, from which it builds each
+    client's RoW."""
+
+    individual: Tree  # {A1, B1} [N]: client i's last upload (zeros until it uploads)
+    uploaded: Array  # bool [N]: client i has uploaded at least once
+
+
+@struct.dataclass
+class ClientState:
+    """Rows for N clients: what each client keeps between rounds."""
+
+    individual: Tree  # {A1, B1, G} [N]: the client's own LoRA and its mixer
+    opt_state: PyTree  # [N]: the optimizer state when optimizer_state = persistent, else {}
 
 
 def _rename_keys(tree: Tree, mapping: Mapping[str, str]) -> Tree:
@@ -89,8 +113,7 @@ def rest_of_world(individual: Tree, uploaded: Array, client_ids: Array) -> Tree:
 
 @register("fedalt")
 def fedalt(training: ClientTraining, options: NoOptions) -> Algorithm:
-    """server_state {"individual": {A1, B1}[N], "uploaded": bool[N]};
-    client_states {"individual": {A1, B1, G}[N], "opt_state" if persistent}.
+    """States: ``ServerState`` and ``ClientState``.
 
     The official optimizer (HF Trainer: fresh AdamW, linear decay, weight decay 0.05, clip 1.0
     over all trainable arrays) is ``training`` with schedule="linear", optimizer_state="fresh";
@@ -104,54 +127,54 @@ def fedalt(training: ClientTraining, options: NoOptions) -> Algorithm:
         return label_tree(params, LABEL_RULE)
 
     tx = make_optimizer(training, labels, steps)
+    persistent = training.optimizer_state == "persistent"
 
-    def init(key: Array, base: PyTree, num_clients: int) -> tuple[PyTree, PyTree]:
+    def init(key: Array, base: PyTree, num_clients: int) -> tuple[ServerState, ClientState]:
         keys = jax.random.split(key, num_clients)
         trees = jax.vmap(lambda k: init_adapters(k, training.model, training.adapter))(keys)
-        clients = init_client_states(training, tx, jax.tree.map(lambda x: x[0], trees), num_clients)
-        clients["individual"] = select_keys(trees, PERSONAL_KEYS)
-        server = {
-            "individual": jax.tree.map(jnp.zeros_like, select_keys(trees, INDIVIDUAL_KEYS)),
-            "uploaded": jnp.zeros((num_clients,), bool),
-        }
-        return server, clients
+        one = jax.tree.map(lambda x: x[0], trees)
+        server = ServerState(
+            individual=jax.tree.map(jnp.zeros_like, select_keys(trees, INDIVIDUAL_KEYS)),
+            uploaded=jnp.zeros((num_clients,), bool),
+        )
+        opt_rows = replicate(tx.init(one), num_clients) if persistent else {}
+        return server, ClientState(select_keys(trees, PERSONAL_KEYS), opt_rows)
 
-    def broadcast(server: PyTree, client_ids: Array, info: Any) -> Tree:
-        return rest_of_world(server["individual"], server["uploaded"], client_ids)
+    def broadcast(server: ServerState, client_ids: Array, info: Any) -> Tree:
+        return rest_of_world(server.individual, server.uploaded, client_ids)
 
     def client_update(
         base: PyTree,
         payload: Tree,
-        client_state: Tree,
+        client_state: ClientState,
         batches: Mapping[str, Array],
         key: Array,
         info: Any,
-    ) -> tuple[Tree, Tree, dict[str, Array]]:
-        params = merge_trees(payload, client_state["individual"])
-        rest = {k: v for k, v in client_state.items() if k != "individual"}
-        params, rest, metrics = train_client(loss_fn, tx, base, params, rest, batches, key, labels)
-        upload = select_keys(params, INDIVIDUAL_KEYS)
-        return upload, {**rest, "individual": select_keys(params, PERSONAL_KEYS)}, metrics
+    ) -> tuple[Tree, ClientState, dict[str, Array]]:
+        params = merge_trees(payload, client_state.individual)
+        opt_state = opt_state_or_init(tx, params, client_state.opt_state if persistent else None)
+        params, opt_state, metrics = local_train(
+            loss_fn, base, params, tx, opt_state, batches, key, labels
+        )
+        kept = ClientState(select_keys(params, PERSONAL_KEYS), opt_state if persistent else {})
+        return select_keys(params, INDIVIDUAL_KEYS), kept, metrics
 
     def aggregate(
-        server: PyTree, uploads: Tree, weights: Array, client_ids: Array, info: Any
-    ) -> PyTree:
+        server: ServerState, uploads: Tree, weights: Array, client_ids: Array, info: Any
+    ) -> ServerState:
         took = weights > 0  # an excluded client's zero-filled row must not replace its copy
 
         def store(copies: Array, new: Array) -> Array:
             keep = took.reshape((-1,) + (1,) * (new.ndim - 1))
             return copies.at[client_ids].set(jnp.where(keep, new, copies[client_ids]))
 
-        uploaded = server["uploaded"].at[client_ids].set(server["uploaded"][client_ids] | took)
-        return {
-            "individual": jax.tree.map(store, server["individual"], uploads),
-            "uploaded": uploaded,
-        }
+        uploaded = server.uploaded.at[client_ids].set(server.uploaded[client_ids] | took)
+        return ServerState(jax.tree.map(store, server.individual, uploads), uploaded)
 
-    def models(server: PyTree, client_states: PyTree, info: Any) -> Models:
-        n = server["uploaded"].shape[0]
-        row = rest_of_world(server["individual"], server["uploaded"], jnp.arange(n))
-        return Models(None, merge_trees(row, client_states["individual"]))
+    def models(server: ServerState, client_states: ClientState, info: Any) -> Models:
+        n = server.uploaded.shape[0]
+        row = rest_of_world(server.individual, server.uploaded, jnp.arange(n))
+        return Models(None, merge_trees(row, client_states.individual))
 
     phase = Phase(
         "train", steps, broadcast, client_update, aggregate, PLACEMENT, per_client_broadcast=True

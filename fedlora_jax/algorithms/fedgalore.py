@@ -24,11 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from fedlora_jax.adapters import init_adapters
 from fedlora_jax.adapters.base import TARGET_PRESETS, AdapterConfig
 from fedlora_jax.algorithms.base import Algorithm, Models, Phase, register, require_kind
-from fedlora_jax.algorithms.common import init_client_states
 from fedlora_jax.algorithms.training import (
     ClientTraining,
     local_train,
@@ -43,6 +43,19 @@ PyTree = Any
 Array = jax.Array
 SYNCS = (*ajive.METHODS, "none")
 PLACEMENT = {"dW": "shared"}  # uploaded as the factors of this round's change (plus its moment)
+
+
+@struct.dataclass
+class ServerState:
+    """The global ΔW and the shared second moment; with sync="none" the moment's four fields
+    are {}. No client axis anywhere: clients keep nothing (a fresh optimizer every round), so
+    their states are {}."""
+
+    adapters: PyTree  # {dW} per target: the global ΔW
+    basis: PyTree  # per target: the basis the shared moment lives in (projector-shaped)
+    nu: PyTree  # per target: the shared second moment (moment-shaped)
+    synced: PyTree  # bool []: a shared moment exists (False until the first aggregation)
+    joint_rank: PyTree  # int32 [] per target: the directions the sync method kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +240,7 @@ def _check_rank(adapters: PyTree, rank: int) -> None:
 
 @register("fedgalore", FedGaLoreOptions)
 def fedgalore(training: ClientTraining, options: FedGaLoreOptions) -> Algorithm:
-    """server_state {"adapters", and unless sync=none "basis" and "nu" (projector- and moment-shaped
-    per target), "synced", "joint_rank"}; client_states {} (a fresh optimizer every round).
-    """
+    """States: ``ServerState``; client states are {} (a fresh optimizer every round)."""
     o = options
     rank = training.adapter.r if o.rank is None else o.rank
     sync, threshold, targets = o.sync, o.threshold, o.targets
@@ -249,18 +260,19 @@ def fedgalore(training: ClientTraining, options: FedGaLoreOptions) -> Algorithm:
     tx = make_galore_optimizer(training, rank, update_proj_gap, galore_scale)
     synced = sync != "none"
 
-    def init(key, base, num_clients):
+    def init(key, base, num_clients) -> tuple[ServerState, dict]:
         adapters = init_adapters(key, training.model, adapter_cfg)
-        server: dict[str, Any] = {"adapters": adapters}
-        if synced:
-            fresh = galore.find_state(tx.init(adapters))
-            server["basis"], server["nu"] = fresh.proj, fresh.nu
-            server["synced"] = jnp.zeros([], bool)
-            server["joint_rank"] = jax.tree.map(lambda _: jnp.zeros([], jnp.int32), adapters)
-        return server, init_client_states(training, tx, adapters, num_clients)
+        if not synced:
+            return ServerState(adapters, {}, {}, {}, {}), {}
+        fresh = galore.find_state(tx.init(adapters))
+        kept = jax.tree.map(lambda _: jnp.zeros([], jnp.int32), adapters)
+        return ServerState(adapters, fresh.proj, fresh.nu, jnp.zeros([], bool), kept), {}
 
-    def broadcast(server, client_ids, info):
-        return {k: server[k] for k in ("adapters", "basis", "nu", "synced") if k in server}
+    def broadcast(server: ServerState, client_ids, info) -> dict[str, PyTree]:
+        payload = {"adapters": server.adapters}
+        if synced:
+            payload.update(basis=server.basis, nu=server.nu, synced=server.synced)
+        return payload
 
     def client_update(base, payload, client_state, batches, key, info):
         params = payload["adapters"]
@@ -282,18 +294,18 @@ def fedgalore(training: ClientTraining, options: FedGaLoreOptions) -> Algorithm:
             upload["nu"] = galore.second_moment(opt_state)
         return upload, client_state, metrics
 
-    def aggregate(server, uploads, weights, client_ids, info):
+    def aggregate(server: ServerState, uploads, weights, client_ids, info) -> ServerState:
         mean_delta = fedavg(rebuild_delta(uploads["low"], uploads["proj"]), weights)
-        out = {"adapters": jax.tree.map(jnp.add, server["adapters"], mean_delta)}
+        out = server.replace(adapters=jax.tree.map(jnp.add, server.adapters, mean_delta))
         if synced:
             basis, shared, kept = shared_second_moment(
                 uploads["nu"], uploads["proj"], weights, sync, threshold, settings, info.key
             )
-            out.update(basis=basis, nu=shared, synced=jnp.ones([], bool), joint_rank=kept)
+            out = out.replace(basis=basis, nu=shared, synced=jnp.ones([], bool), joint_rank=kept)
         return out
 
-    def models(server, client_states, info):
-        return Models(server["adapters"], None, personal_is_global=True)
+    def models(server: ServerState, client_states: dict, info) -> Models:
+        return Models(server.adapters, None, personal_is_global=True)
 
     phase = Phase("train", training.local_steps, broadcast, client_update, aggregate, PLACEMENT)
     return Algorithm("fedgalore", init, (phase,), models)

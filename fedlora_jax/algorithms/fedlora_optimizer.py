@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from fedlora_jax.adapters import init_adapters
 from fedlora_jax.algorithms.base import (
@@ -49,17 +50,18 @@ from fedlora_jax.algorithms.base import (
     require_kind,
     select_keys,
 )
-from fedlora_jax.algorithms.common import init_client_states, train_client
 from fedlora_jax.algorithms.training import (
     ClientTraining,
     local_train,
     make_loss_fn,
     make_optimizer,
+    opt_state_or_init,
 )
 from fedlora_jax.federated.aggregation import fedavg
 
 PyTree = Any
 Array = jax.Array
+Tree = dict[str, Any]
 
 COMPONENTS = ("A_M", "A_D", "B_M", "B_D")
 SHARED = ("A_M", "A_D", "B_D")  # what the personal model takes from the global adapter
@@ -146,6 +148,24 @@ def _choose(flag: Array, own: PyTree, shared: PyTree) -> PyTree:
     return jax.tree.map(pick, own, shared)
 
 
+@struct.dataclass
+class ServerState:
+    """The global adapter; the personal phase's payload is this state as it is."""
+
+    adapters: Tree  # {A_M, A_D, B_M, B_D} per module (no client axis)
+
+
+@struct.dataclass
+class ClientState:
+    """Rows for N clients: the personal B_M and, when optimizer_state = persistent, both
+    phases' optimizer states (else {})."""
+
+    B_M: Tree  # {B_M} [N]: the client's own B_M (the initial one until it trains it)
+    has_bm: Array  # bool [N]: the client has run the personal phase (else B_M is the global one)
+    global_opt_state: PyTree  # [N]: the global phase's optimizer state, or {}
+    personal_opt_state: PyTree  # [N]: the personal phase's optimizer state, or {}
+
+
 class PhaseOptimizers(NamedTuple):
     """The two phases' optax.partition optimizers and their label functions."""
 
@@ -178,8 +198,7 @@ def global_placement(trained: Sequence[str]) -> dict[str, str]:
 
 @register("fedlora_optimizer", FedLoRAOptimizerOptions)
 def fedlora_optimizer(training: ClientTraining, options: FedLoRAOptimizerOptions) -> Algorithm:
-    """server_state {"adapters"}; client_states {"B_M"[N], "has_bm"[N], "opt_state"? and
-    "local_opt_state"? (persistent optimizer state)}."""
+    """States: ``ServerState`` and ``ClientState``."""
     require_kind("fedlora_optimizer", training, ("decomposed",))
     o = options
     if o.variant == "paper_literal" and training.adapter.init != "paper_literal":
@@ -197,54 +216,64 @@ def fedlora_optimizer(training: ClientTraining, options: FedLoRAOptimizerOptions
     tx_g, labels_g, tx_l, labels_l = phase_optimizers(train_g, train_l, trained)
     persistent = training.optimizer_state == "persistent"
 
-    def init(key, base, num_clients):
+    def rows(tx: optax.GradientTransformation, adapters: Tree, n: int) -> PyTree:
+        return replicate(tx.init(adapters), n) if persistent else {}
+
+    def init(key, base, num_clients) -> tuple[ServerState, ClientState]:
         adapters = init_adapters(key, training.model, training.adapter)
-        clients = init_client_states(training, tx_g, adapters, num_clients)
-        clients["B_M"] = replicate(select_keys(adapters, ("B_M",)), num_clients)
-        clients["has_bm"] = jnp.zeros((num_clients,), bool)
-        if persistent:
-            clients["local_opt_state"] = replicate(tx_l.init(adapters), num_clients)
-        return {"adapters": adapters}, clients
+        clients = ClientState(
+            B_M=replicate(select_keys(adapters, ("B_M",)), num_clients),
+            has_bm=jnp.zeros((num_clients,), bool),
+            global_opt_state=rows(tx_g, adapters, num_clients),
+            personal_opt_state=rows(tx_l, adapters, num_clients),
+        )
+        return ServerState(adapters), clients
+
+    def train(tx, labels, base, params, stored, batches, key):
+        """``local_train`` from the stored optimizer state when persistent (fresh otherwise);
+        returns the trained params, the optimizer state to keep ({} when fresh), metrics."""
+        opt_state = opt_state_or_init(tx, params, stored if persistent else None)
+        params, opt_state, metrics = local_train(
+            loss_fn, base, params, tx, opt_state, batches, key, labels
+        )
+        return params, opt_state if persistent else {}, metrics
 
     # ------------------------------------------------------------------ global phase
 
-    def broadcast_global(server, client_ids, info):
-        return server["adapters"]
+    def broadcast_global(server: ServerState, client_ids, info) -> Tree:
+        return server.adapters
 
-    def update_global(base, payload, client_state, batches, key, info):
-        params, client_state, metrics = train_client(
-            loss_fn, tx_g, base, payload, client_state, batches, key, labels_g
+    def update_global(base, payload, client_state: ClientState, batches, key, info):
+        params, opt_state, metrics = train(
+            tx_g, labels_g, base, payload, client_state.global_opt_state, batches, key
         )
-        return select_keys(params, aggregated), client_state, metrics
+        new_state = client_state.replace(global_opt_state=opt_state)
+        return select_keys(params, aggregated), new_state, metrics
 
-    def aggregate_global(server, uploads, weights, client_ids, info):
+    def aggregate_global(server: ServerState, uploads, weights, client_ids, info) -> ServerState:
         adapters = fedavg(uploads, weights)
         if kept:
-            adapters = merge_trees(select_keys(server["adapters"], kept), adapters)
-        return {"adapters": adapters}
+            adapters = merge_trees(select_keys(server.adapters, kept), adapters)
+        return ServerState(adapters)
 
     # ------------------------------------------------------------------ personal phase
 
-    def broadcast_personal(server, client_ids, info):
+    def broadcast_personal(server: ServerState, client_ids, info) -> ServerState:
         return server
 
-    def train_personal(base, server, client_state, batches, key):
-        start = select_keys(server["adapters"], ("B_M",))
+    def train_personal(base, server: ServerState, client_state: ClientState, batches, key):
+        start = select_keys(server.adapters, ("B_M",))
         if o.personal_bm == "persistent":
-            start = _choose(client_state["has_bm"], client_state["B_M"], start)
-        params = merge_trees(select_keys(server["adapters"], SHARED), start)
-        stored = client_state.get("local_opt_state")
-        opt_state = tx_l.init(params) if stored is None else stored
-        params, opt_state, metrics = local_train(
-            loss_fn, base, params, tx_l, opt_state, batches, key, labels_l
+            start = _choose(client_state.has_bm, client_state.B_M, start)
+        params = merge_trees(select_keys(server.adapters, SHARED), start)
+        params, opt_state, metrics = train(
+            tx_l, labels_l, base, params, client_state.personal_opt_state, batches, key
         )
-        new_state = {
-            **client_state,
-            "B_M": select_keys(params, ("B_M",)),
-            "has_bm": jnp.ones_like(client_state["has_bm"]),
-        }
-        if stored is not None:
-            new_state["local_opt_state"] = opt_state
+        new_state = client_state.replace(
+            B_M=select_keys(params, ("B_M",)),
+            has_bm=jnp.ones_like(client_state.has_bm),
+            personal_opt_state=opt_state,
+        )
         return new_state, metrics
 
     def update_personal(base, payload, client_state, batches, key, info):
@@ -262,11 +291,9 @@ def fedlora_optimizer(training: ClientTraining, options: FedLoRAOptimizerOptions
 
     # ------------------------------------------------------------------ models
 
-    def models(server, client_states, info):
-        adapters = server["adapters"]
-        own = _choose(
-            client_states["has_bm"], client_states["B_M"], select_keys(adapters, ("B_M",))
-        )
+    def models(server: ServerState, client_states: ClientState, info) -> Models:
+        adapters = server.adapters
+        own = _choose(client_states.has_bm, client_states.B_M, select_keys(adapters, ("B_M",)))
         n = info.num_clients
         return Models(adapters, merge_trees(replicate(select_keys(adapters, SHARED), n), own))
 
@@ -279,7 +306,7 @@ def fedlora_optimizer(training: ClientTraining, options: FedLoRAOptimizerOptions
             aggregate_global,
             global_placement(trained),
             payload_held=True,  # = the personal phase's payload of the previous round
-            upload_origin=lambda server: select_keys(server["adapters"], aggregated),
+            upload_origin=lambda server: select_keys(server.adapters, aggregated),
         ),  # fmt: skip
         Phase("personal", e_l, broadcast_personal, update_personal, None, PERSONAL_PLACEMENT),
     )
