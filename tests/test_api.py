@@ -117,7 +117,7 @@ def test_real_round_obeys_the_placement_spec(name, model):
     placement = alg.phases[0].placement
     if alg.phases[0].aggregate is not None:
         mean = np_weighted_mean(uploads, SIZES[ids])
-        server = state.server_state["adapters"] if name == "fedlora_optimizer" else after.global_
+        server = state.server_state.adapters if name == "fedlora_optimizer" else after.global_
         for path, x in jax.tree_util.tree_leaves_with_path(mean):
             got = server
             for part in path:
