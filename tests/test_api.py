@@ -15,13 +15,13 @@ from fedlora_jax import runner
 from fedlora_jax.adapters import AdapterConfig
 from fedlora_jax.algorithms import ClientTraining, get, names
 from fedlora_jax.algorithms.base import OptionsError, keys_placed, placement_labels
-from fedlora_jax.config import ConfigError, load_config
+from fedlora_jax.config import ALGORITHM_KINDS, ConfigError, load_config
 from fedlora_jax.federated import engine as E
 from fedlora_jax.federated.sampling import sample_clients
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = E.EngineConfig(clients_per_round=3, seed=3, rounds=2)
-KINDS = {"fedlora_optimizer": "decomposed", "fedalt": "mixture", "fedgalore": "dense_delta"}
+KINDS = ALGORITHM_KINDS  # each algorithm's own adapter kind (lora otherwise)
 # FedAvg-family configurations whose new shared leaves are the plain weighted mean of uploads.
 MEAN_OF_MODELS = ("fedit", "ffa_lora", "fedsa_lora", "fedprox", "local_only")
 
