@@ -2,7 +2,9 @@
 
     python scripts/plan.py --model llama2-7b --clients 8 --batch 8 --seq 512 \
         --mesh clients=2,fsdp=4 [--remat layer] [--dtype bfloat16] [--algorithm fedit]
-    python scripts/plan.py --table docs   # the docs/scaling.md table (7B and 70B, many meshes)
+    python scripts/plan.py --table [--models llama2-7b,llama2-70b] [--cache DIR]
+        # the docs/scaling.md tables (every clients x fsdp mesh of 4, 8 and 16 devices); with
+        # --cache each (model, device count) sweep is kept in DIR and reused by later calls
 
 No weights are read: the base, the states and the batches are ``jax.ShapeDtypeStruct``s, the
 round phase (the engine's own traced phase, jitted with the mesh's shardings) is lowered and
@@ -352,10 +354,16 @@ COMMON_FLAGS = (
 
 def sweep(args: argparse.Namespace, n_devices: int) -> list[Plan]:
     """Plans of every clients x fsdp mesh of ``n_devices`` for ``args.model`` (own process: the
-    fake device count is fixed when jax starts)."""
+    fake device count is fixed when jax starts); kept in / read from ``args.cache`` if set."""
     cmd = [sys.executable, __file__, "--model", args.model, "--sweep", str(n_devices)]
     for flag in COMMON_FLAGS:
         cmd += [f"--{flag}", str(getattr(args, flag))]
+    cached = None
+    if args.cache:
+        tag = "-".join(str(getattr(args, f)) for f in COMMON_FLAGS)
+        cached = pathlib.Path(args.cache) / f"{args.model}-{n_devices}-{tag}.json"
+        if cached.is_file():
+            return [Plan(**d) for d in json.loads(cached.read_text())]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -363,6 +371,9 @@ def sweep(args: argparse.Namespace, n_devices: int) -> list[Plan]:
         raise PlanError(
             f"planning {args.model} on {n_devices} devices failed: {proc.stderr[-2000:]}"
         )
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(proc.stdout)
     return [Plan(**d) for d in json.loads(proc.stdout)]
 
 
@@ -370,15 +381,15 @@ def docs_table(args: argparse.Namespace) -> str:
     """The docs/scaling.md tables: the best fitting mesh per hardware, then every mesh."""
     best_rows = [
         "| model | hardware | HBM/device | fits | best mesh | memory/device (GB) | "
-        "collectives GB/device/round | TFLOP/round |",
+        "collectives (GB/device/round) | TFLOP/round |",
         "|---|---|---|---|---|---|---|---|",
     ]
     all_rows = [
         "| model | devices | mesh | memory/device (GB) | all-gather | all-reduce | other "
-        "collectives | (GB/device/round) |",
+        "collectives | TFLOP/round (all devices) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("llama2-7b", "llama2-70b"):
+    for name in args.models.split(","):
         plans = {
             n: sweep(argparse.Namespace(**{**vars(args), "model": name}), n)
             for n in sorted({hw[1] for hw in HARDWARE})
@@ -391,7 +402,7 @@ def docs_table(args: argparse.Namespace) -> str:
                 all_rows.append(
                     f"| {name} | {n} | {_mesh_text(p.mesh)} | {_gb(p.peak_bytes)} | "
                     f"{_gb(c.get('all-gather', 0))} | {_gb(c.get('all-reduce', 0))} | "
-                    f"{_gb(other)} | |"
+                    f"{_gb(other)} | {p.dot_flops * n / 1e12:.0f} |"
                 )
         for hw, n, hbm in HARDWARE:
             fitting = [p for p in plans[n] if p.peak_bytes <= FIT_FRACTION * hbm]
@@ -429,6 +440,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="qv")
     ap.add_argument("--table", action="store_true", help="the docs/scaling.md tables")
+    ap.add_argument("--models", default="llama2-7b,llama2-70b", help="--table: model presets")
+    ap.add_argument("--cache", default="", help="--table: keep each sweep's plans in this folder")
     ap.add_argument("--sweep", type=int, default=0, help=argparse.SUPPRESS)  # used by --table
     return ap.parse_args(argv)
 
