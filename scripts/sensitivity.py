@@ -65,7 +65,7 @@ from fedlora_jax.data.tokenize import tokenize_examples  # noqa: E402
 from fedlora_jax.model.hub import resolve_model  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"model": "smollm2-135m", "steps": 60, "batch_size": 2, "max_seq_len": 128,
+    "smollm2-135m": {"model": "smollm2-135m", "steps": 60, "batch_size": 1, "max_seq_len": 128,
                      "lr": 1e-3, "dtype": "float32"},
     "stories260k": {"model": "stories260k", "steps": 4, "batch_size": 2, "max_seq_len": 256,
                     "lr": 5e-3, "dtype": "float32"},
