@@ -51,7 +51,15 @@ def methods(
             lrs,
         ),
         Method("fedalt", ("algorithm.name=fedalt",), lrs),
-        Method("fedgalore", ("algorithm.name=fedgalore",), galore_lrs),
+        Method(
+            "fedgalore",
+            (
+                "algorithm.name=fedgalore",
+                "algorithm.options.targets=adapter",  # the LoRA methods' modules (q, v)
+                "algorithm.options.ajive_samples=100",  # 1000 needs 33 GB on SmolLM2 (OOM)
+            ),
+            galore_lrs,
+        ),
     )
 
 

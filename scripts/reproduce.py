@@ -192,15 +192,23 @@ def read_cell(path: pathlib.Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_grid(grid: Any, out: pathlib.Path, budgets: Mapping, max_cells: int | None) -> int:
-    """Run the unfinished cells in order (setting, seed, method, lr); return how many ran."""
+def run_grid(
+    grid: Any, out: pathlib.Path, budgets: Mapping, max_cells: int | None
+) -> tuple[int, list[str]]:
+    """Run the unfinished cells in order (setting, seed, method, lr); return how many ran and
+    the cells that failed (left unfinished, retried by the next invocation). A method whose lr
+    sweep did not finish skips its other seeds."""
     from fedlora_jax.protocol import choose_lr
 
     setups, ran, first = Setups(), 0, grid.seeds[0]
+    failed: list[str] = []
     for setting in grid.settings:
         chosen: dict[str, float] = {}
         for seed in grid.seeds:
             for method in grid.methods:
+                if seed != first and method.name not in chosen:
+                    print(f"[skip] {setting.name} {method.name} seed={seed}: its lr sweep failed")
+                    continue
                 lrs = method.lrs if seed == first else (chosen[method.name],)
                 for lr in lrs:
                     cfg = cell_config(grid, setting, method, lr, seed, out)
@@ -210,8 +218,13 @@ def run_grid(grid: Any, out: pathlib.Path, budgets: Mapping, max_cells: int | No
                         print(f"[skip] {where}: finished")
                         continue
                     if max_cells is not None and ran >= max_cells:
-                        return ran
-                    rec = run_cell(cfg, setups, budgets[setting.name][method.name])
+                        return ran, failed
+                    try:
+                        rec = run_cell(cfg, setups, budgets[setting.name][method.name])
+                    except Exception as e:  # e.g. out of memory: the cell stays unfinished
+                        failed.append(where)
+                        print(f"[fail] {where}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        continue
                     ran += 1
                     print(
                         f"[cell] {where}: val personal loss {_num(rec['val']['personal_loss'])}, "
@@ -220,13 +233,15 @@ def run_grid(grid: Any, out: pathlib.Path, budgets: Mapping, max_cells: int | No
                         f"{rec['loadavg_end'][0]:.1f})",
                         flush=True,
                     )
-                if seed == first:
+                if seed == first and not any(
+                    f.startswith(f"{setting.name} {method.name} ") for f in failed
+                ):
                     scores = {
                         lr: _val_score(out / setting.name / method.name / cell_name(lr, seed))
                         for lr in method.lrs
                     }
                     chosen[method.name] = choose_lr(scores)
-    return ran
+    return ran, failed
 
 
 def _val_score(cell_dir: pathlib.Path) -> float:
@@ -554,19 +569,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_cells", type=int, help="run at most this many unfinished cells")
     parser.add_argument("--report_only", action="store_true", help="only rewrite the report")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    out = pathlib.Path(args.out)
+    out, failed = pathlib.Path(args.out), []
     try:
         grid = load_grid(args.grid)
         budgets = check_grid_budgets(grid, out)
         if not args.report_only:
-            ran = run_grid(grid, out, budgets, args.max_cells)
-            print(f"ran {ran} cells")
+            ran, failed = run_grid(grid, out, budgets, args.max_cells)
+            print(
+                f"ran {ran} cells"
+                + (f"; failed (unfinished): {'; '.join(failed)}" if failed else "")
+            )
         write_report(grid, args.grid, out, pathlib.Path(args.report), budgets)
     except (ValueError, FileNotFoundError) as e:  # BudgetMismatch, ConfigError, DataError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {args.report}")
-    return 0
+    return 1 if not args.report_only and failed else 0
 
 
 if __name__ == "__main__":
