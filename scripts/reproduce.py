@@ -193,11 +193,12 @@ def read_cell(path: pathlib.Path) -> dict[str, Any] | None:
 
 
 def run_grid(
-    grid: Any, out: pathlib.Path, budgets: Mapping, max_cells: int | None
+    grid: Any, out: pathlib.Path, budgets: Mapping, max_cells: int | None, only: Sequence[str]
 ) -> tuple[int, list[str]]:
     """Run the unfinished cells in order (setting, seed, method, lr); return how many ran and
     the cells that failed (left unfinished, retried by the next invocation). A method whose lr
-    sweep did not finish skips its other seeds."""
+    sweep did not finish skips its other seeds. ``only`` (method names; empty = all) runs a
+    subset, e.g. the cheap methods' seeds before an expensive method's sweep."""
     from fedlora_jax.protocol import choose_lr
 
     setups, ran, first = Setups(), 0, grid.seeds[0]
@@ -206,6 +207,8 @@ def run_grid(
         chosen: dict[str, float] = {}
         for seed in grid.seeds:
             for method in grid.methods:
+                if only and method.name not in only:
+                    continue
                 if seed != first and method.name not in chosen:
                     print(f"[skip] {setting.name} {method.name} seed={seed}: its lr sweep failed")
                     continue
@@ -568,13 +571,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", required=True, help="markdown file (+ .json, _*.png)")
     parser.add_argument("--max_cells", type=int, help="run at most this many unfinished cells")
     parser.add_argument("--report_only", action="store_true", help="only rewrite the report")
+    parser.add_argument("--methods", default="", help="run only these methods (comma-separated)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out, failed = pathlib.Path(args.out), []
     try:
         grid = load_grid(args.grid)
         budgets = check_grid_budgets(grid, out)
         if not args.report_only:
-            ran, failed = run_grid(grid, out, budgets, args.max_cells)
+            only = [m for m in args.methods.split(",") if m]
+            unknown = sorted(set(only) - {m.name for m in grid.methods})
+            if unknown:
+                raise ValueError(f"--methods: {', '.join(unknown)} not in the grid")
+            ran, failed = run_grid(grid, out, budgets, args.max_cells, only)
             print(
                 f"ran {ran} cells"
                 + (f"; failed (unfinished): {'; '.join(failed)}" if failed else "")
