@@ -42,6 +42,7 @@ from fedlora_jax.data.batches import (
 from fedlora_jax.data.pipeline import FederatedData, prepare_federated_data
 from fedlora_jax.data.tokenize import TokenizedSet
 from fedlora_jax.eval.harness import EvalExample, evaluate, from_tokenized
+from fedlora_jax.federated import distributed
 from fedlora_jax.federated.engine import EngineConfig, EngineState, init_state, run_round
 from fedlora_jax.federated.engine import models as engine_models
 from fedlora_jax.federated.sampling import num_sampled
@@ -278,6 +279,7 @@ def run(
     rc = config_lib.validate(cfg)
     run_dir = pathlib.Path(rc.run.out_dir) / config_lib.run_name(rc)
     _prepare_run_dir(run_dir, cfg, resume)
+    distributed.barrier("run dir checked")  # before process 0 writes config.json
     setup = setup or build(rc, verbose=progress)
     state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=rc.run.seed)
     history: list[dict[str, Any]] = []
@@ -292,7 +294,8 @@ def run(
             rewrite_metrics(run_dir, history)
         _write_config(run_dir, cfg)  # only now, with model and data ready, does the run exist
         print(f"[data] {drop_line(data_summary(setup.data))}")
-        setup.data.table.to_csv(run_dir / CLIENT_TABLE_FILE)
+        if distributed.is_primary():  # process 0 writes the run directory
+            setup.data.table.to_csv(run_dir / CLIENT_TABLE_FILE)
         if progress:
             print(f"client x category table ({CLIENT_TABLE_FILE}):\n{setup.data.table.to_text()}")
         with MetricsLogger(
@@ -322,18 +325,24 @@ def run(
                     break
     final = None
     if spent:
-        write_results(run_dir, data=data_summary(setup.data), stopped=spent)
+        _write_results(run_dir, data=data_summary(setup.data), stopped=spent)
         print(spent)
         return RunResult(run_dir, state, history, None, spent)
     if halted:
-        write_results(run_dir, data=data_summary(setup.data), stopped=halted)
+        _write_results(run_dir, data=data_summary(setup.data), stopped=halted)
         if rc.run.on_no_valid_client == "error":
             raise NoValidClientError(halted)
         print(f"warning: {halted}", file=sys.stderr)
     elif state.round >= rounds:
         final = _final_eval(rc, setup, state, run_dir, last_report)
-        write_results(run_dir)
+        _write_results(run_dir)
     return RunResult(run_dir, state, history, final, halted)
+
+
+def _write_results(run_dir: pathlib.Path, **kwargs: Any) -> None:
+    """``report.write_results`` from process 0 only."""
+    if distributed.is_primary():
+        write_results(run_dir, **kwargs)
 
 
 def _halt_reason(
@@ -444,6 +453,7 @@ def evaluate_state(cfg: Config, setup: Setup, state: EngineState) -> dict[str, A
     """The eval harness's global/personal report for the models in ``state``; with a partition
     that holds out a global test split (Shepherd's 80 rows), also ``global_test``: the global
     model's metrics on it (None when either is missing)."""
+    state = distributed.host_local(state)  # several processes: each evaluates alike
     cfg = config_lib.typed(cfg)
     models = engine_models(setup.algorithm, state, len(setup.data.clients), setup.engine)
     personal = None if models.personal_is_global else models.personal
@@ -478,7 +488,8 @@ def _final_eval(
     report = report if report is not None else evaluate_state(cfg, setup, state)
     report = json_safe({**report, "round": int(state.round)})
     saved = {**report, "data": data_summary(setup.data)}  # the file also records the drops
-    (run_dir / FINAL_EVAL_FILE).write_text(json.dumps(saved, indent=1, allow_nan=False))
+    if distributed.is_primary():
+        (run_dir / FINAL_EVAL_FILE).write_text(json.dumps(saved, indent=1, allow_nan=False))
     return report
 
 
@@ -584,6 +595,8 @@ def _saved_config(path: pathlib.Path) -> dict[str, Any]:
 
 def _write_config(run_dir: pathlib.Path, cfg: ConfigDict) -> None:
     """Write ``config.json`` atomically (a kill mid-write leaves the old one or none)."""
+    if not distributed.is_primary():
+        return
     tmp = run_dir / f"{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(config_lib.to_dict(cfg), indent=1, sort_keys=True))
     tmp.replace(run_dir / CONFIG_FILE)
