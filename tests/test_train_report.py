@@ -91,6 +91,8 @@ def _fake_run(
         "run": {"seed": seed},
     }
     (run / "config.json").write_text(json.dumps(cfg))
+    # the client x category table a run writes; compare counts the clients from it (budget)
+    (run / "clients.csv").write_text("client,open_qa,summarization\nclient_0,5,1\nclient_1,4,0\n")
     up = "comm/up_bytes_per_client"
     rows = [
         {"round": 1, "train/loss": 2.0 + seed, "global/rouge_l": 0.1, up: 10},
