@@ -164,26 +164,33 @@ def pick_preset(file: str, presets: Mapping[str, Any], preset: str) -> ConfigDic
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     """``configs/dolly.py[:preset]`` plus ``a.b=value`` overrides, validated."""
+    cfg = load_preset(spec, "get_config", "--config")
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_preset(spec: str, getter: str, flag: str) -> Any:
+    """``path.py[:preset]`` -> the file's ``getter(preset)`` (``getter()`` without a preset); a
+    missing file, a missing ``getter`` or the file's own mistake (named by file and line) is
+    one ConfigError line. ``flag`` names the option the spec came from."""
     path_str, _, preset = spec.partition(":")
     path = pathlib.Path(path_str)
     if not path.is_file():
-        raise ConfigError(f"--config: file {path_str!r} not found")
-    module_spec = importlib.util.spec_from_file_location(f"_fedlora_cfg_{path.stem}", path)
+        raise ConfigError(f"{flag}: file {path_str!r} not found")
+    module_spec = importlib.util.spec_from_file_location(f"_fedlora_{getter}_{path.stem}", path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"{path_str}: defines no get_config(preset)")
-        cfg = module.get_config(preset) if preset else module.get_config()
+        if not hasattr(module, getter):
+            raise ConfigError(f"{path_str}: defines no {getter}(preset)")
+        return getattr(module, getter)(preset) if preset else getattr(module, getter)()
     except ConfigError:
         raise
-    except Exception as e:  # the config file's own mistake: name its file and line
+    except Exception as e:  # the file's own mistake: name its file and line
         message = e.msg if isinstance(e, SyntaxError) else e
         raise ConfigError(f"{_where(e, path)}: {type(e).__name__}: {message}") from e
-    apply_overrides(cfg, overrides)
-    validate(cfg)
-    return cfg
 
 
 def _where(e: BaseException, path: pathlib.Path) -> str:

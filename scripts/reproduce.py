@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -64,16 +63,11 @@ SENSITIVITY_CLAIM = "A/B sensitivity asymmetry (A's direction, B's magnitude mov
 
 
 def load_grid(spec: str) -> Any:
-    """``configs/protocol.py[:preset]`` -> its ``get_grid(preset)``."""
-    path_str, _, preset = spec.partition(":")
-    path = pathlib.Path(path_str)
-    if not path.is_file():
-        raise FileNotFoundError(f"--grid: file {path_str!r} not found")
-    module_spec = importlib.util.spec_from_file_location(f"_fedlora_grid_{path.stem}", path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_grid(preset) if preset else module.get_grid()
+    """``configs/protocol.py[:preset]`` -> its ``get_grid(preset)``, through the config loader
+    (a missing or broken file is one ConfigError line naming it)."""
+    from fedlora_jax.config import load_preset
+
+    return load_preset(spec, "get_grid", "--grid")
 
 
 def cell_name(lr: float, seed: int) -> str:

@@ -37,6 +37,25 @@ def test_grid_of_unequal_budgets_is_refused(tmp_path) -> None:
         reproduce.check_grid_budgets(grid, tmp_path)
 
 
+def test_a_missing_or_broken_grid_file_is_one_line(tmp_path, capsys) -> None:
+    """The grid file goes through the config loader: the same one-line errors as --config."""
+    reproduce = _module()
+    missing = tmp_path / "absent.py"
+    args = ["--out", str(tmp_path / "runs"), "--report", str(tmp_path / "r.md")]
+    assert reproduce.main(["--grid", f"{missing}:tiny", *args]) == 2
+    assert capsys.readouterr().err == f"error: --grid: file '{missing}' not found\n"
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_grid(preset):\n    return 1 / 0\n")
+    assert reproduce.main(["--grid", f"{broken}:tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {broken}:2: ZeroDivisionError: division by zero\n"
+    nogrid = tmp_path / "nogrid.py"
+    nogrid.write_text("X = 1\n")
+    assert reproduce.main(["--grid", str(nogrid), *args]) == 2
+    assert capsys.readouterr().err == f"error: {nogrid}: defines no get_grid(preset)\n"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r.md").exists()
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
