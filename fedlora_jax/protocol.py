@@ -3,10 +3,11 @@ client gradient steps on the same rows per round, and its learning rate is chose
 validation split from a grid declared per method.
 
 ``Budget`` is what a run trains per round, counted from its algorithm's phases (every phase:
-FedLoRA-Optimizer's global E_g and personal E_l steps both count; Ditto splits one phase's
-steps between its two models). ``check_budgets`` refuses a comparison whose budgets differ with
-one line naming the runs and their budgets. ``Grid`` declares a reproduction (methods × seeds ×
-settings, an lr grid per method) for ``scripts/reproduce.py``.
+FedLoRA-Optimizer's global E_g and personal E_l steps both count, E_l in the last round only
+under ``local_phase=final``; Ditto splits one phase's steps between its two models).
+``check_budgets`` refuses a comparison whose budgets differ with one line naming the runs and
+their budgets. ``Grid`` declares a reproduction (methods × seeds × settings, an lr grid per
+method) for ``scripts/reproduce.py``.
 """
 
 from __future__ import annotations
@@ -37,17 +38,25 @@ class BudgetMismatch(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """Per round: ``trainers`` clients (1 for a pooled-data algorithm) each train the phases'
-    steps on ``batch_size`` rows a step (packed rows hold several examples)."""
+    steps on ``batch_size`` rows a step (packed rows hold several examples). A phase named in
+    ``last_round_only`` trains in the last round only (FedLoRA-Optimizer's personal phase under
+    ``local_phase=final``), so the last round can train more than the others."""
 
     rounds: int
     trainers: int
     phase_steps: tuple[tuple[str, int], ...]
     batch_size: int
     packing: bool
+    last_round_only: tuple[str, ...] = ()
+
+    def client_steps(self, last: bool) -> int:
+        """One client's steps in the last round (``last``) or in any earlier one."""
+        return sum(s for n, s in self.phase_steps if last or n not in self.last_round_only)
 
     @property
     def steps_per_client(self) -> int:
-        return sum(s for _, s in self.phase_steps)
+        """In a round before the last (in the only round of a one-round run)."""
+        return self.client_steps(last=self.rounds <= 1)
 
     @property
     def rows_per_client(self) -> int:
@@ -61,24 +70,55 @@ class Budget:
     def rows_per_round(self) -> int:
         return self.steps_per_round * self.batch_size
 
-    def key(self) -> tuple[int, int, int, bool]:
-        """What the protocol holds equal: rounds, gradient steps and rows per round, packing."""
-        return (self.rounds, self.steps_per_round, self.rows_per_round, self.packing)
+    @property
+    def last_round_steps(self) -> int:
+        return self.trainers * self.client_steps(last=True)
+
+    @property
+    def last_round_rows(self) -> int:
+        return self.last_round_steps * self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        """Every trainer's steps over the run."""
+        return (self.rounds - 1) * self.steps_per_round + self.last_round_steps
+
+    @property
+    def total_rows(self) -> int:
+        return self.total_steps * self.batch_size
+
+    def key(self) -> tuple[int, int, int, int, int, bool]:
+        """What the protocol holds equal: rounds, gradient steps and rows in every round (the
+        rounds before the last are alike; the last may differ), packing."""
+        return (
+            self.rounds, self.steps_per_round, self.rows_per_round,
+            self.last_round_steps, self.last_round_rows, self.packing,
+        )  # fmt: skip
 
     def describe(self) -> str:
         """``2 rounds x 4 clients x (global 1 + personal 1) steps x 2 rows (packed) = 8 steps,
-        16 rows per round``."""
+        16 rows per round``; a last round that trains more adds ``(12 steps, 24 rows in the
+        last round)``."""
+
+        def phase(name: str, steps: int) -> str:
+            return f"{name} {steps}" + (" last round only" if name in self.last_round_only else "")
+
         steps = (
-            "(" + " + ".join(f"{n} {s}" for n, s in self.phase_steps) + ")"
+            "(" + " + ".join(phase(n, s) for n, s in self.phase_steps) + ")"
             if len(self.phase_steps) > 1
             else str(self.steps_per_client)
         )
         rows = "packed" if self.packing else "unpacked"
-        return (
+        text = (
             f"{self.rounds} rounds x {self.trainers} clients x {steps} steps x "
             f"{self.batch_size} rows ({rows}) = {self.steps_per_round} steps, "
             f"{self.rows_per_round} rows per round"
         )
+        if self.last_round_steps != self.steps_per_round:
+            text += (
+                f" ({self.last_round_steps} steps, {self.last_round_rows} rows in the last round)"
+            )
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +127,10 @@ class Budget:
             "rows_per_client": self.rows_per_client,
             "steps_per_round": self.steps_per_round,
             "rows_per_round": self.rows_per_round,
+            "last_round_steps": self.last_round_steps,
+            "last_round_rows": self.last_round_rows,
+            "total_steps": self.total_steps,
+            "total_rows": self.total_rows,
             "text": self.describe(),
         }
 
@@ -98,7 +142,8 @@ def algorithm_budget(
     clients (a pooled-data algorithm trains one client per round on the union)."""
     trainers = 1 if algorithm.pooled_data else clients_per_round
     phases = tuple((p.name, int(p.steps)) for p in algorithm.phases)
-    return Budget(int(rounds), int(trainers), phases, int(batch_size), bool(packing))
+    last_only = tuple(p.name for p in algorithm.phases if p.last_round_only)
+    return Budget(int(rounds), int(trainers), phases, int(batch_size), bool(packing), last_only)
 
 
 def config_budget(cfg: Any, num_clients: int, model_cfg: LlamaConfig = STAND_IN) -> Budget:

@@ -56,6 +56,41 @@ def test_budget_counts_every_phase() -> None:
         check_budgets({"packed": fedit, "unpacked": unpacked})
 
 
+def test_personal_phase_counted_where_it_trains() -> None:
+    """FedLoRA-Optimizer with E_g = 2, E_l = 1 on the smoke setting (4 clients, 2 rounds, 2 rows
+    a step). every_round: 4 x (2 + 1) = 12 steps, 24 rows in each round, 24 steps in all.
+    final: the personal phase trains after the last aggregation only, so round 1 trains
+    4 x 2 = 8 steps (16 rows), round 2 4 x 3 = 12 steps (24 rows): 20 steps, 40 rows in all."""
+    flo = ("algorithm.name=fedlora_optimizer", "algorithm.options.global_steps=2",
+           "algorithm.options.local_steps_personal=1")  # fmt: skip
+    final_phase = "algorithm.options.local_phase=final"
+    every, final = budget(*flo), budget(*flo, final_phase)
+    assert _counts(every) == (12, 24, 12, 24, 24, 48)
+    assert _counts(final) == (8, 16, 12, 24, 20, 40)
+    assert final.describe() == (
+        "2 rounds x 4 clients x (global 2 + personal 1 last round only) steps x 2 rows (packed) "
+        "= 8 steps, 16 rows per round (12 steps, 24 rows in the last round)"
+    )
+    assert every.describe() == FEDIT.replace("x 3 steps", "x (global 2 + personal 1) steps")
+    assert final.as_dict()["total_steps"] == 20
+    fedit = budget("algorithm.name=fedit")
+    check_budgets({"fedit": fedit, "every_round": every})
+    with pytest.raises(BudgetMismatch, match="final: .*personal 1 last round only"):
+        check_budgets({"fedit": fedit, "final": final})
+    # One round: the last round is the only one, so final trains what every_round does.
+    one = "federated.rounds=1"
+    assert _counts(budget(*flo, one)) == (12, 24, 12, 24, 12, 24)
+    assert _counts(budget(*flo, one, final_phase)) == (12, 24, 12, 24, 12, 24)
+    assert budget(*flo, one, final_phase).key() == budget("algorithm.name=fedit", one).key()
+
+
+def _counts(b) -> tuple[int, ...]:
+    return (
+        b.steps_per_round, b.rows_per_round, b.last_round_steps, b.last_round_rows,
+        b.total_steps, b.total_rows,
+    )  # fmt: skip
+
+
 def test_unequal_budgets_are_refused_in_one_line() -> None:
     budgets = {"fedit": budget("algorithm.name=fedit")}
     budgets["fedlora_optimizer"] = budget("algorithm.name=fedlora_optimizer")

@@ -69,6 +69,8 @@ class Phase:
     upload_origin(server) -> what each client's upload starts from (the leaves it received),
         declared when ``aggregate`` uses the uploads only through their (weighted) mean, so
         central DP of the mean covers the phase (``privacy.privatise``); None: it does not.
+    last_round_only: ``client_update`` trains only when ``RoundInfo.is_last`` (a no-op in
+        earlier rounds); the protocol's budget counts its steps in the last round only.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Phase:
     per_client_broadcast: bool = False
     payload_held: bool = False
     upload_origin: Callable[[PyTree], PyTree] | None = None
+    last_round_only: bool = False
 
     def __post_init__(self) -> None:
         check_placement(self.name, self.placement)

@@ -308,6 +308,14 @@ def fedlora_optimizer(training: ClientTraining, options: FedLoRAOptimizerOptions
             payload_held=True,  # = the personal phase's payload of the previous round
             upload_origin=lambda server: select_keys(server.adapters, aggregated),
         ),  # fmt: skip
-        Phase("personal", e_l, broadcast_personal, update_personal, None, PERSONAL_PLACEMENT),
+        Phase(
+            "personal",
+            e_l,
+            broadcast_personal,
+            update_personal,
+            None,
+            PERSONAL_PLACEMENT,
+            last_round_only=o.local_phase == "final",
+        ),  # fmt: skip
     )
     return Algorithm("fedlora_optimizer", init, phases, models)
