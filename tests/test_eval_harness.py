@@ -205,7 +205,7 @@ def test_generations_match_unbatched_generate(run, model, adapters, clients_test
 def test_second_call_does_not_retrace(run) -> None:
     report, _, again, first, second = run
     # One compilation per jitted function for both sections and all clients ...
-    assert first["_generate_stacked_jit"] == 1 and first["example_nll"] == 1
+    assert first["_generate_stacked_jit"] == 1 and first["lane_token_nll"] == 1
     # ... and none at all when the next round evaluates the same test sets.
     assert sum(second.values()) == 0, dict(second)
     assert again == report

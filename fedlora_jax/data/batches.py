@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -101,6 +102,40 @@ def first_fit(lengths: np.ndarray, bins: int, capacity: int) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
+def fill_rows(
+    tokens: Sequence[np.ndarray],
+    loss_masks: Sequence[np.ndarray],
+    where: np.ndarray,
+    *,
+    rows: int,
+    seq_len: int,
+    pad_id: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Packed rows from examples placed by ``first_fit``: example j (``tokens[j]``, its
+    ``loss_masks[j]``) goes to row ``where[j]`` after the examples placed there before it.
+
+    Returns int32 ``tokens, segments, loss_mask`` [rows, seq_len] (segment ids 1..S per row in
+    placement order, 0 = padding) and each example's first slot [m]. A segment's first token is
+    never a target (nothing in its segment predicts it), so its loss mask is 0 there, as in an
+    unpacked row whose first token is never predicted."""
+    out_tokens = np.full((rows, seq_len), pad_id, np.int32)
+    segments = np.zeros((rows, seq_len), np.int32)
+    loss_mask = np.zeros((rows, seq_len), np.int32)
+    used = np.zeros(rows, np.int64)
+    count = np.zeros(rows, np.int32)
+    starts = np.zeros(len(where), np.int64)
+    for j, (ids, mask, b) in enumerate(zip(tokens, loss_masks, where, strict=True)):
+        n, at = len(ids), int(used[b])
+        if at + n > seq_len:
+            raise DataError(f"fill_rows: row {b} overflows seq_len={seq_len} at example {j}")
+        out_tokens[b, at : at + n] = ids
+        count[b] += 1
+        segments[b, at : at + n] = count[b]
+        loss_mask[b, at + 1 : at + n] = np.asarray(mask)[1:]
+        starts[j], used[b] = at, at + n
+    return out_tokens, segments, loss_mask, starts
+
+
 # (lengths digest, bins, seq_len, seed, client_id) -> stream start of rounds 0..len-1
 _STARTS: dict[tuple, list[int]] = {}
 
@@ -148,18 +183,16 @@ def packed_round_batches(
         len(ts), start, _packed_window(ts, bins, seq_len), seed=seed, client_id=client_id
     )
     where = first_fit(ts.lengths[pos], bins, seq_len)
-    tokens = np.full((bins, seq_len), ts.pad_id, np.int32)
-    segments = np.zeros((bins, seq_len), np.int32)
-    loss_mask = np.zeros((bins, seq_len), np.int32)
-    used = np.zeros(bins, np.int64)
-    count = np.zeros(bins, np.int32)
-    for row, b in zip(pos[: len(where)], where, strict=True):
-        n, p, at = int(ts.lengths[row]), int(ts.prompt_lengths[row]), int(used[b])
-        count[b] += 1
-        tokens[b, at : at + n] = ts.tokens[row, :n]
-        segments[b, at : at + n] = count[b]
-        loss_mask[b, at + p : at + n] = 1
-        used[b] += n
+    sub = ts.take(pos[: len(where)])
+    loss_masks = sub.loss_mask()
+    tokens, segments, loss_mask, _ = fill_rows(
+        [sub.tokens[j, :n] for j, n in enumerate(sub.lengths)],
+        [loss_masks[j, :n] for j, n in enumerate(sub.lengths)],
+        where,
+        rows=bins,
+        seq_len=seq_len,
+        pad_id=ts.pad_id,
+    )
     shape = (steps, batch_size, seq_len)
     return {
         "tokens": tokens.reshape(shape),

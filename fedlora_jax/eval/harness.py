@@ -1,17 +1,27 @@
 """Evaluate global and personal adapters: batched greedy generation + response-token loss.
 
-Every batch has the same shape (the last one is padded with copies of a real example whose
-results are dropped; prompts are left-padded and full sequences right-padded to the longest in
-the whole test set, rounded up to a multiple of ``LENGTH_BUCKET``), and the jitted functions are
-cached per static configuration (``generate`` jits with the configs static; the loss function is
-cached here). So one ``evaluate`` call compiles each function once for all clients, and later
-calls on the same test sets (every round) compile nothing.
+Every generation batch has the same shape (the last one is padded with copies of a real example
+whose results are dropped; prompts are left-padded to the longest in the whole test set, rounded
+up to a multiple of ``LENGTH_BUCKET``), and the jitted functions are cached per static
+configuration (``generate`` jits with the configs static; the loss function is cached here). So
+one ``evaluate`` call compiles each function once for all clients, and later calls on the same
+test sets (every round) compile nothing.
 
 Both sections run as K lanes of one vmapped program (K = clients): personal lane i is client i's
 split under its adapter, global deals the union over the lanes under copies of the global adapter.
+
+The loss packs: each lane's examples go first fit, longest first (``data.batches.first_fit``),
+into rows as long as the longest test sequence (bucketed), with segment ids, so attention stays
+inside an example and positions restart per example (``llama.hidden``). Every lane gets the same
+number of rows (empty rows fill the short lanes; at most ``batch_size`` rows per call), the
+program returns per-token NLL [K, rows, T-1], and the host sums each example's slots: the
+bookkeeping of which example sits where is the host's anyway, the array is small (K x rows x T
+floats), and the count of loss tokens is an exact integer from the host's mask. Unpacked rows
+(``packing=False``) hold one example each and give the same numbers to float tolerance.
 An adapter kind with a ``condition`` (kind ``dual``: FedDPA's instance-wise weight) has its
 adapters set per example from each batch's prompts, in one vmapped program, before that batch's
-loss and generation; every other kind is evaluated exactly as before.
+generation and loss; its loss rows stay unpacked (one example per row, in the generation batch's
+order), since a packed row would need several examples' adapters at once.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedlora_jax.adapters.base import AdapterConfig, get_kind
+from fedlora_jax.data.batches import fill_rows, first_fit
 from fedlora_jax.eval.metrics import best_match
 from fedlora_jax.eval.report import ExampleScore, build_report
 from fedlora_jax.model import llama, loss
@@ -120,20 +131,21 @@ def as_example(item: EvalExample | Mapping[str, Any]) -> EvalExample:
 
 @functools.cache
 def _loss_fn(cfg: LlamaConfig, adapter_cfg: AdapterConfig | None, compute_dtype: Any):
-    """(base, adapters [K, ...], tokens, attn_mask, loss_mask [K, B, S]) -> per-example
-    (sum_nll, n_tokens) [K, B]: batch k under adapter k, one program for every client."""
+    """(base, adapters [K, ...], tokens, segments [K, R, T]) -> per-token NLL [K, R, T-1] (slot
+    t predicting slot t+1, chunked LM head): lane k's rows under adapter k, one program for
+    every client."""
 
-    def example_nll(base: PyTree, adapters: PyTree, tokens, attn_mask, loss_mask):
-        def one(adapters: PyTree, tokens, attn_mask, loss_mask):
+    def lane_token_nll(base: PyTree, adapters: PyTree, tokens, segments):
+        def one(adapters: PyTree, tokens, segments):
             h = llama.hidden(
-                base, adapters, tokens, attn_mask,
+                base, adapters, tokens, segments,
                 cfg=cfg, adapter_cfg=adapter_cfg, compute_dtype=compute_dtype,
             )  # fmt: skip
-            return loss.sequence_nll_from_hidden(base, h, tokens, loss_mask, cfg=cfg)
+            return loss.token_nll_from_hidden(base, h, tokens, cfg=cfg)
 
-        return jax.vmap(one)(adapters, tokens, attn_mask, loss_mask)
+        return jax.vmap(one)(adapters, tokens, segments)
 
-    return jax.jit(example_nll)
+    return jax.jit(lane_token_nll)
 
 
 @functools.cache
@@ -167,9 +179,10 @@ def _bucket(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Shapes:
-    batch: int
+    batch: int  # generation rows per call
     prompt_len: int
-    seq_len: int
+    seq_len: int  # slots per loss row
+    loss_rows: int  # loss rows per call
 
 
 def _pad_rows(rows: list[EvalExample], batch: int) -> list[EvalExample]:
@@ -177,17 +190,82 @@ def _pad_rows(rows: list[EvalExample], batch: int) -> list[EvalExample]:
     return rows + [rows[0]] * (batch - len(rows))
 
 
-def _sequence_batch(rows: list[EvalExample], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
-    """Right-padded full sequences, attention mask and loss mask [B, length] (the batch format)."""
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    attn = np.zeros((len(rows), length), np.int32)
-    lmask = np.zeros((len(rows), length), np.int32)
-    for i, ex in enumerate(rows):
-        n = len(ex.tokens)
-        tokens[i, :n] = ex.tokens
-        attn[i, :n] = 1
-        lmask[i, :n] = ex.loss_mask
-    return tokens, attn, lmask
+LossRows = list[list[list[int]]]  # per lane: its loss rows, each the indices of its examples
+
+
+def _packed_rows(
+    groups: Sequence[Sequence[int]], examples: Sequence[EvalExample], seq_len: int
+) -> LossRows:
+    """Each lane's examples first fit, longest first, into rows of ``seq_len`` slots."""
+    out = []
+    for group in groups:
+        order = sorted(group, key=lambda i: -len(examples[i].tokens))
+        lengths = np.asarray([len(examples[i].tokens) for i in order])
+        rows: list[list[int]] = [[] for _ in order]
+        # every example fits a row alone (seq_len >= the longest), so first_fit places them all
+        for i, b in zip(order, first_fit(lengths, len(order), seq_len), strict=True):
+            rows[b].append(i)
+        out.append([r for r in rows if r])
+    return out
+
+
+def _single_rows(groups: Sequence[Sequence[int]]) -> LossRows:
+    """One example per row, in lane order (unpacked)."""
+    return [[[i] for i in group] for group in groups]
+
+
+def _rows_per_call(rows: Sequence[LossRows], batch: int) -> int:
+    """At most ``batch`` rows per call, balanced over the calls the longest lane needs."""
+    longest = max(len(lane) for section in rows for lane in section)
+    return -(-longest // -(-longest // batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LossCall:
+    """One loss call's inputs [K, R, T] and where each of its examples sits."""
+
+    tokens: np.ndarray
+    segments: np.ndarray
+    loss_mask: np.ndarray  # 0 on each segment's first slot (never a target)
+    slots: tuple[tuple[int, int, int, int, int], ...]  # (example, lane, row, first slot, length)
+
+
+def _loss_calls(rows: LossRows, examples: Sequence[EvalExample], setup: _Setup) -> list[_LossCall]:
+    """The lanes' rows cut into calls of ``loss_rows`` rows, every lane padded with empty rows
+    to the same number of calls (one compiled shape; empty rows hold no example)."""
+    per_call = setup.shapes.loss_rows
+    depth = max(-(-len(lane) // per_call) for lane in rows)
+    calls = []
+    for d in range(depth):
+        arrays, slots = [], []
+        for k, lane in enumerate(rows):
+            chunk = lane[d * per_call : (d + 1) * per_call]
+            members = [(i, r) for r, row in enumerate(chunk) for i in row]
+            tokens, segments, mask, starts = fill_rows(
+                [examples[i].tokens for i, _ in members],
+                [examples[i].loss_mask for i, _ in members],
+                np.asarray([r for _, r in members], np.int64),
+                rows=per_call, seq_len=setup.shapes.seq_len, pad_id=setup.pad_id,
+            )  # fmt: skip
+            arrays.append((tokens, segments, mask))
+            slots += [
+                (i, k, r, int(at), len(examples[i].tokens))
+                for (i, r), at in zip(members, starts, strict=True)
+            ]
+        tokens, segments, mask = (np.stack(x) for x in zip(*arrays, strict=True))
+        calls.append(_LossCall(tokens, segments, mask, tuple(slots)))
+    return calls
+
+
+def _example_losses(call: _LossCall, nll: np.ndarray) -> dict[int, tuple[float, int]]:
+    """Each example's (sum NLL, loss tokens) from its call's per-token NLL [K, R, T-1]: slot t
+    predicts slot t+1, counted where the loss mask of t+1 is 1, over the example's own slots."""
+    weight = call.loss_mask[..., 1:]
+    out = {}
+    for i, k, r, at, n in call.slots:
+        w = weight[k, r, at : at + n - 1]
+        out[i] = (float(np.dot(nll[k, r, at : at + n - 1].astype(np.float64), w)), int(w.sum()))
+    return out
 
 
 def strip_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -233,14 +311,18 @@ def _launch(
     stacked: PyTree,
     examples: Sequence[EvalExample],
     lanes: Lanes,
+    loss_rows: LossRows,
     setup: _Setup,
-) -> list[tuple]:
-    """Dispatch generation and loss for every batch depth, all K lanes (adapters) in one call;
-    returns device arrays without waiting, so host scoring overlaps the device work."""
+) -> tuple[list[tuple], list[tuple]]:
+    """Dispatch generation for every batch depth and the loss for every call, all K lanes
+    (adapters) in one call each; returns device arrays without waiting, so host scoring overlaps
+    the device work. A kind with ``condition`` scores its loss call d (the unpacked rows of
+    generation batch d) under the adapters set for batch d."""
     nll_fn = _loss_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
     condition = _condition_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
     shapes = setup.shapes
-    pending = []
+    calls = _loss_calls(loss_rows, examples, setup)
+    generations, losses = [], []
     for depth in range(len(lanes[0])):
         rows = [
             _pad_rows([examples[i] for i in lane[depth] or [0]], shapes.batch) for lane in lanes
@@ -249,53 +331,65 @@ def _launch(
         prompts = [
             left_pad([ex.prompt_ids for ex in r], setup.pad_id, shapes.prompt_len) for r in rows
         ]
-        sequences = [_sequence_batch(r, shapes.seq_len, setup.pad_id) for r in rows]
         prompt_tokens, prompt_mask = (np.stack(x) for x in zip(*prompts, strict=True))
         adapters = stacked
         if condition is not None:  # adapters set per example (FedDPA's instance-wise weight)
             adapters = condition(base, stacked, prompt_tokens, prompt_mask)
-        generated = generate_stacked(
-            base, adapters, prompt_tokens, prompt_mask,
-            cfg=setup.cfg, adapter_cfg=setup.adapter_cfg, max_new_tokens=setup.max_new_tokens,
-            eos_ids=setup.eos_ids, compute_dtype=setup.compute_dtype, pad_id=setup.pad_id,
-        )  # fmt: skip
-        nll = nll_fn(base, adapters, *(np.stack(x) for x in zip(*sequences, strict=True)))
-        pending.append((generated, nll))
-    return pending
+        generations.append(
+            generate_stacked(
+                base,
+                adapters,
+                prompt_tokens,
+                prompt_mask,
+                cfg=setup.cfg,
+                adapter_cfg=setup.adapter_cfg,
+                max_new_tokens=setup.max_new_tokens,
+                eos_ids=setup.eos_ids,
+                compute_dtype=setup.compute_dtype,
+                pad_id=setup.pad_id,
+            )  # fmt: skip
+        )
+        if condition is not None:
+            call = calls[depth]
+            losses.append((call, nll_fn(base, adapters, call.tokens, call.segments)))
+    if condition is None:
+        losses = [(c, nll_fn(base, stacked, c.tokens, c.segments)) for c in calls]
+    return generations, losses
 
 
 def _collect(
-    pending: list[tuple],
+    pending: tuple[list[tuple], list[tuple]],
     examples: Sequence[EvalExample],
     owners: Sequence[int],
     lanes: Lanes,
     setup: _Setup,
 ) -> tuple[list[ExampleScore], list[str]]:
-    """Decode and score on the host, in ``examples`` order (ROUGE runs while later batches are
-    still on the device)."""
-    by_index: dict[int, tuple[ExampleScore, str]] = {}
-    for depth, ((new_tokens, lengths), (sum_nll, n_tokens)) in enumerate(pending):
+    """Decode and score on the host, in ``examples`` order (ROUGE runs while later batches and
+    the loss are still on the device)."""
+    generations, losses = pending
+    scored: dict[int, tuple[str, float, float]] = {}
+    for depth, (new_tokens, lengths) in enumerate(generations):
         new_tokens, lengths = np.asarray(new_tokens), np.asarray(lengths)
-        sum_nll, n_tokens = np.asarray(sum_nll), np.asarray(n_tokens)
         for k, lane in enumerate(lanes):
-            if lane[depth] is None:
-                continue  # a padding batch
-            for b, i in enumerate(lane[depth]):
-                ex = examples[i]
+            for b, i in enumerate(lane[depth] or ()):  # None: a padding batch
                 ids = strip_at_eos(new_tokens[k, b, : int(lengths[k, b])].tolist(), setup.eos_ids)
                 text = setup.tokenizer.decode(ids).strip()
-                rouge, em = best_match(text, ex.references)
-                score = ExampleScore(
-                    client_id=int(owners[i]),
-                    category=ex.category,
-                    rouge_l=rouge,
-                    exact_match=em,
-                    sum_nll=float(sum_nll[k, b]),
-                    n_tokens=int(n_tokens[k, b]),
-                )
-                by_index[i] = (score, text)
-    ordered = [by_index[i] for i in range(len(examples))]
-    return [s for s, _ in ordered], [t for _, t in ordered]
+                scored[i] = (text, *best_match(text, examples[i].references))
+    nll: dict[int, tuple[float, int]] = {}
+    for call, token_nll in losses:
+        nll.update(_example_losses(call, np.asarray(token_nll)))
+    scores = [
+        ExampleScore(
+            client_id=int(owners[i]),
+            category=ex.category,
+            rouge_l=scored[i][1],
+            exact_match=scored[i][2],
+            sum_nll=nll[i][0],
+            n_tokens=nll[i][1],
+        )
+        for i, ex in enumerate(examples)
+    ]
+    return scores, [scored[i][0] for i in range(len(examples))]
 
 
 def _replicate(adapters: PyTree, k: int) -> PyTree:
@@ -341,6 +435,7 @@ def evaluate(
     client_weights: Mapping[int, float] | None = None,
     return_predictions: bool = False,
     global_label: str = "global",
+    packing: bool = True,
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, list[dict[str, Any]] | None]]:
     """The global/personal report (see ``report.build_report``) for one round's models.
 
@@ -354,6 +449,8 @@ def evaluate(
     EOS id (pads are masked out either way). With ``return_predictions`` also returns the decoded
     generations per section. The personalisation gain needs no extra pass: the global section's
     rows of client i are exactly client i's split. ``global_label``: ``Models.global_label``.
+    ``packing=False`` scores the loss one example per row (the same numbers to float tolerance,
+    more slots; a kind with ``condition`` always does, see the module docstring).
     """
     if global_adapters is None and personal_adapters is None:
         raise ValueError("evaluate: both global_adapters and personal_adapters are None")
@@ -376,6 +473,24 @@ def evaluate(
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
     every = [ex for s in splits for ex in s]
     owners = [i for i, s in enumerate(splits) for _ in s]
+    seq_len = _bucket(max(len(ex.tokens) for ex in every))
+
+    # Both sections run as K lanes (K = clients) of one program: personal lane i = client i's
+    # split under its adapter; global = the union dealt over K lanes under K copies of the global
+    # adapter. Both sections' loss calls share one shape (rows per call from the longer one).
+    k = len(splits)
+    sections = {}  # name -> (adapters [K, ...], each lane's example indices)
+    if global_adapters is not None:
+        dealt = [list(range(len(every)))[i::k] for i in range(k)]
+        sections["global"] = (_replicate(global_adapters, k), dealt)
+    if personal_adapters is not None:
+        own = [[j for j, o in enumerate(owners) if o == i] for i in range(k)]
+        sections["personal"] = (personal_adapters, own)
+    pack = packing and _condition_fn(cfg, adapter_cfg, compute_dtype) is None
+    loss_rows = {
+        name: _packed_rows(g, every, seq_len) if pack else _single_rows(g)
+        for name, (_, g) in sections.items()
+    }
     setup = _Setup(
         cfg=cfg,
         adapter_cfg=adapter_cfg,
@@ -387,24 +502,17 @@ def evaluate(
         shapes=_Shapes(
             batch=batch_size,
             prompt_len=_bucket(max(len(ex.prompt_ids) for ex in every)),
-            seq_len=_bucket(max(len(ex.tokens) for ex in every)),
+            seq_len=seq_len,
+            # unpacked: generation's batches, so a conditioned kind's loss call d is batch d
+            loss_rows=_rows_per_call(list(loss_rows.values()), batch_size) if pack else batch_size,
         ),
     )
-
-    # Both sections run as K lanes (K = clients) of one program: personal lane i = client i's
-    # split under its adapter; global = the union dealt over K lanes under K copies of the global
-    # adapter, so with equal splits both sections share one compiled shape.
     # Everything is dispatched before any result is read, so the host decodes and scores one
     # section while the device computes the next.
-    k = len(splits)
     jobs = {}
-    if global_adapters is not None:
-        dealt = _lanes([list(range(len(every)))[i::k] for i in range(k)], batch_size)
-        stacked = _replicate(global_adapters, k)
-        jobs["global"] = (dealt, _launch(base, stacked, every, dealt, setup))
-    if personal_adapters is not None:
-        own = _lanes([[j for j, o in enumerate(owners) if o == i] for i in range(k)], batch_size)
-        jobs["personal"] = (own, _launch(base, personal_adapters, every, own, setup))
+    for name, (stacked, g) in sections.items():
+        lanes = _lanes(g, batch_size)
+        jobs[name] = (lanes, _launch(base, stacked, every, lanes, loss_rows[name], setup))
     done = {name: _collect(p, every, owners, lanes, setup) for name, (lanes, p) in jobs.items()}
     global_scores, global_preds = done.get("global", (None, None))
     if personal_adapters is None:
