@@ -230,10 +230,12 @@ class _LossCall:
     slots: tuple[tuple[int, int, int, int, int], ...]  # (example, lane, row, first slot, length)
 
 
-def _loss_calls(rows: LossRows, examples: Sequence[EvalExample], setup: _Setup) -> list[_LossCall]:
-    """The lanes' rows cut into calls of ``loss_rows`` rows, every lane padded with empty rows
-    to the same number of calls (one compiled shape; empty rows hold no example)."""
-    per_call = setup.shapes.loss_rows
+def _loss_calls(
+    rows: LossRows, examples: Sequence[EvalExample], shapes: _Shapes, pad_id: int
+) -> list[_LossCall]:
+    """The lanes' rows cut into calls of ``shapes.loss_rows`` rows, every lane padded with empty
+    rows to the same number of calls (one compiled shape; empty rows hold no example)."""
+    per_call = shapes.loss_rows
     depth = max(-(-len(lane) // per_call) for lane in rows)
     calls = []
     for d in range(depth):
@@ -245,7 +247,7 @@ def _loss_calls(rows: LossRows, examples: Sequence[EvalExample], setup: _Setup) 
                 [examples[i].tokens for i, _ in members],
                 [examples[i].loss_mask for i, _ in members],
                 np.asarray([r for _, r in members], np.int64),
-                rows=per_call, seq_len=setup.shapes.seq_len, pad_id=setup.pad_id,
+                rows=per_call, seq_len=shapes.seq_len, pad_id=pad_id,
             )  # fmt: skip
             arrays.append((tokens, segments, mask))
             slots += [
@@ -321,7 +323,7 @@ def _launch(
     nll_fn = _loss_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
     condition = _condition_fn(setup.cfg, setup.adapter_cfg, setup.compute_dtype)
     shapes = setup.shapes
-    calls = _loss_calls(loss_rows, examples, setup)
+    calls = _loss_calls(loss_rows, examples, shapes, setup.pad_id)
     generations, losses = [], []
     for depth in range(len(lanes[0])):
         rows = [
