@@ -544,7 +544,9 @@ class EvalSettings(Section):
     section = "eval"
     every: int = setting(0, "evaluate every this many rounds; 0 = only after the last", low=0)
     max_new_tokens: int = setting(32, "greedy generation length (stops at EOS)", low=1)
-    batch_size: int = setting(8, "test examples per generation/loss batch", low=1)
+    batch_size: int = setting(
+        8, "test examples per generation batch; packed loss rows per call (at most)", low=1
+    )
     max_examples_per_client: int = setting(
         8, "the first this many of each client's test rows; 0 = the whole split", low=0
     )
