@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fedlora_jax.algorithms.base import Algorithm
 from fedlora_jax.model.config import LlamaConfig
+
+if TYPE_CHECKING:
+    from fedlora_jax.eval.harness import EvalExample
 
 # The phases' step counts never depend on the model, so the budget of a saved config is counted
 # by building its algorithm on this small stand-in architecture (no weights are loaded).
@@ -186,6 +190,106 @@ def check_budgets(budgets: Mapping[str, Budget]) -> None:
         f"budgets differ, so the comparison is refused (docs/protocol.md): {listed}; give every "
         "method the same client steps and rows per round (FedLoRA-Optimizer: "
         "algorithm.options.global_steps + local_steps_personal = federated.local_steps)"
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation rows
+
+# What identifies a run's evaluation rows when its final_eval.json records no digest (a run
+# from before ``eval_rows``): the config keys its test split and the evaluation cap come from.
+ROW_KEYS = ("data", "model.spec", "eval.max_examples_per_client")
+
+
+class EvalRowsMismatch(ValueError):
+    """Runs compared under the protocol were scored on different rows; the CLI prints one line."""
+
+
+def eval_rows(
+    client_tests: Sequence[Sequence[EvalExample]], global_test: Sequence[EvalExample] | None
+) -> dict[str, Any]:
+    """What ``final_eval.json`` records of the rows a run was scored on: examples per client,
+    the held-out global test split's size (None without one), and a sha256 over every example's
+    tokens, response mask and references, client by client (so the same rows give the same
+    digest whichever method was scored on them)."""
+    digest = hashlib.sha256()
+    for examples in [*client_tests, global_test or []]:
+        rows = [[e.prompt_ids, e.tokens, e.loss_mask, e.references] for e in examples]
+        digest.update(json.dumps(rows).encode() + b"\n")
+    return {
+        "clients": [len(t) for t in client_tests],
+        "global_test": None if global_test is None else len(global_test),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def run_dir_eval_rows(run_dir: str | pathlib.Path) -> dict[str, Any] | None:
+    """The ``eval_rows`` record of a run directory's final_eval.json; None when it has none (no
+    final_eval.json yet, or one written before the record existed)."""
+    path = pathlib.Path(run_dir) / "final_eval.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("eval_rows")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def rows_of_runs(run_dirs: Sequence[str | pathlib.Path]) -> tuple[dict[str, Any], list[str]]:
+    """What identifies each run's evaluation rows, for ``check_eval_rows``: the runs'
+    ``eval_rows`` records, or, when any run has none, every run's ``ROW_KEYS`` config; and the
+    runs without a record (say so: their rows are only compared by config)."""
+    recorded = {str(d): run_dir_eval_rows(d) for d in run_dirs}
+    missing = [d for d, r in recorded.items() if r is None]
+    if not missing:
+        return recorded, []
+    return {d: run_dir_row_config(d) for d in recorded}, missing
+
+
+def run_dir_row_config(run_dir: str | pathlib.Path) -> dict[str, Any]:
+    """The run's ``ROW_KEYS`` from its config.json, flattened (``data.seed`` → value)."""
+    cfg = json.loads((pathlib.Path(run_dir) / "config.json").read_text())
+    out: dict[str, Any] = {}
+    for key in ROW_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping):
+            out.update({f"{key}.{k}": v for k, v in sorted(node.items())})
+        else:
+            out[key] = node
+    return out
+
+
+def check_eval_rows(rows: Mapping[str, Mapping[str, Any]], groups: Mapping[str, str]) -> None:
+    """Raise ``EvalRowsMismatch`` (one line) unless every group (method) of the runs was scored
+    on the same collection of row sets. ``rows``: run -> what identifies its rows (an
+    ``eval_rows`` record, or its ``ROW_KEYS`` config); ``groups``: run -> group. The runs of one
+    group may differ (seeds with their own data seed) when every other group has the same ones.
+    The line names each run's row set (R1, R2, ...) and the fields in which the sets differ."""
+    fingerprint = {run: json.dumps(r, sort_keys=True) for run, r in rows.items()}
+    members: dict[str, list[str]] = {}
+    for run, group in groups.items():
+        members.setdefault(group, []).append(run)
+    if len({tuple(sorted(fingerprint[r] for r in runs)) for runs in members.values()}) <= 1:
+        return
+    first: dict[str, str] = {}  # fingerprint -> the first run with it
+    for run, f in fingerprint.items():
+        first.setdefault(f, run)
+    label = {f: f"R{i + 1}" for i, f in enumerate(first)}
+    keys = dict.fromkeys(k for r in rows.values() for k in r)
+    varying = [k for k in keys if len({json.dumps(r.get(k)) for r in rows.values()}) > 1]
+    listed = "; ".join(
+        f"{group}: " + ", ".join(f"{run} {label[fingerprint[run]]}" for run in runs)
+        for group, runs in members.items()
+    )
+    sets = ", ".join(
+        f"{label[f]} = " + " ".join(f"{k}={json.dumps(rows[run].get(k))}" for k in varying)
+        for f, run in first.items()
+    )
+    raise EvalRowsMismatch(
+        f"evaluation rows differ, so the comparison is refused (docs/protocol.md): {listed}; "
+        f"{sets}; score every method on the same test rows (per seed: one data preparation, "
+        "the same tokenizer and eval.max_examples_per_client)"
     )
 
 

@@ -230,6 +230,22 @@ def _final(run_dir: pathlib.Path) -> dict[str, Any]:
     return _read_json(run_dir / FINAL_EVAL_FILE) or {}
 
 
+def group_of(
+    run_dirs: Sequence[str | pathlib.Path], group_by: str
+) -> list[tuple[pathlib.Path, str]]:
+    """Each run directory with its group: the value of the dotted config key ``group_by``."""
+    out = []
+    for d in map(pathlib.Path, run_dirs):
+        cfg = _read_json(d / CONFIG_FILE)
+        if cfg is None:
+            raise FileNotFoundError(f"{d}: not a run directory (no {CONFIG_FILE})")
+        key = _get(cfg, group_by)
+        if key is None:
+            raise ValueError(f"--group_by={group_by!r} is not a key of {d / CONFIG_FILE}")
+        out.append((d, str(key)))
+    return out
+
+
 def compare(
     run_dirs: Sequence[str | pathlib.Path],
     out_dir: str | pathlib.Path,
@@ -243,14 +259,8 @@ def compare(
     """
     out_dir = pathlib.Path(out_dir)
     groups: dict[str, list[pathlib.Path]] = {}
-    for d in map(pathlib.Path, run_dirs):
-        cfg = _read_json(d / CONFIG_FILE)
-        if cfg is None:
-            raise FileNotFoundError(f"{d}: not a run directory (no {CONFIG_FILE})")
-        key = _get(cfg, group_by)
-        if key is None:
-            raise ValueError(f"--group_by={group_by!r} is not a key of {d / CONFIG_FILE}")
-        groups.setdefault(str(key), []).append(d)
+    for d, key in group_of(run_dirs, group_by):
+        groups.setdefault(key, []).append(d)
 
     rows = []
     for name, dirs in groups.items():

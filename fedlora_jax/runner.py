@@ -58,6 +58,7 @@ from fedlora_jax.model.config import LlamaConfig
 from fedlora_jax.model.hub import resolve_model
 from fedlora_jax.privacy import run as dp_run
 from fedlora_jax.privacy.private import DpSettings
+from fedlora_jax.protocol import eval_rows
 from fedlora_jax.report import CONFIG_FILE, FINAL_EVAL_FILE, drop_line, write_results
 
 PyTree = Any
@@ -256,6 +257,12 @@ def client_test_sets(data: FederatedData, cap: int) -> list[list[EvalExample]]:
         examples = from_tokenized(client.test.full, data.examples)
         out.append(examples[:cap] if cap else examples)
     return out
+
+
+def global_test_set(data: FederatedData) -> list[EvalExample] | None:
+    """The held-out global test split as harness examples (None when the partition has none)."""
+    held_out = data.global_test
+    return None if held_out is None else from_tokenized(held_out.full, data.examples)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -468,11 +475,10 @@ def evaluate_state(cfg: Config, setup: Setup, state: EngineState) -> dict[str, A
     report = score(
         models.global_, personal, tests, client_weights={i: float(s) for i, s in enumerate(sizes)}
     )
-    held_out = setup.data.global_test
+    held_out = global_test_set(setup.data)
     report["global_test"] = None
     if held_out is not None and models.global_ is not None:
-        examples = from_tokenized(held_out.full, setup.data.examples)
-        report["global_test"] = score(models.global_, None, [examples])["global"]
+        report["global_test"] = score(models.global_, None, [held_out])["global"]
     return report
 
 
@@ -487,7 +493,9 @@ def _final_eval(
     the last round is not evaluated twice), else the state is evaluated now (e.g. on resume)."""
     report = report if report is not None else evaluate_state(cfg, setup, state)
     report = json_safe({**report, "round": int(state.round)})
-    saved = {**report, "data": data_summary(setup.data)}  # the file also records the drops
+    tests = client_test_sets(setup.data, cfg.eval.max_examples_per_client)
+    rows = eval_rows(tests, global_test_set(setup.data))  # what compare.py holds equal
+    saved = {**report, "data": data_summary(setup.data), "eval_rows": rows}  # and the drops
     if distributed.is_primary():
         (run_dir / FINAL_EVAL_FILE).write_text(json.dumps(saved, indent=1, allow_nan=False))
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from transformers import AutoTokenizer
 from fedlora_jax import config as config_lib
 from fedlora_jax.data import DataConfig, DataError, load_dolly, prepare_federated_data
 from fedlora_jax.data.pipeline import validation_split, validation_view
-from fedlora_jax.protocol import BudgetMismatch, check_budgets, choose_lr, config_budget
+from fedlora_jax.eval.harness import EvalExample
+from fedlora_jax.protocol import BudgetMismatch, check_budgets, choose_lr, config_budget, eval_rows
 from fedlora_jax.report import write_results
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -128,6 +130,93 @@ def test_compare_script_refuses_unequal_budgets(tmp_path, capsys) -> None:
     assert not (tmp_path / "cmp").exists()
     args = [str(a), str(b), "--out", str(tmp_path / "cmp"), "--allow_unmatched_budgets"]
     assert compare.main(args) == 0
+
+
+def _example(*tokens: int) -> EvalExample:
+    return EvalExample(tokens[:1], ("ref",), tokens, (0,) + (1,) * (len(tokens) - 1))
+
+
+def test_eval_rows_identify_the_rows() -> None:
+    """Counts per client by hand; the digest is equal for equal rows (other objects) and
+    changes with a token, a reference, the order or the split between clients."""
+    tests = [[_example(1, 2, 3), _example(4, 5)], [_example(6, 7)]]
+    rows = eval_rows(tests, None)
+    assert (rows["clients"], rows["global_test"]) == ([2, 1], None)
+    assert rows == eval_rows([[_example(1, 2, 3), _example(4, 5)], [_example(6, 7)]], None)
+    others = [
+        [[_example(1, 2, 3), _example(4, 6)], [_example(6, 7)]],  # one token
+        [[_example(4, 5), _example(1, 2, 3)], [_example(6, 7)]],  # the order
+        [[_example(1, 2, 3)], [_example(4, 5), _example(6, 7)]],  # the split between clients
+        [[_example(1, 2, 3), _example(4, 5)], [replace(_example(6, 7), references=("x",))]],
+    ]  # fmt: skip
+    digests = {eval_rows(t, None)["sha256"] for t in others} | {rows["sha256"]}
+    assert len(digests) == 5
+    with_global = eval_rows(tests, [_example(8, 9)])
+    assert with_global["global_test"] == 1 and with_global["sha256"] != rows["sha256"]
+
+
+def _scored(run: pathlib.Path, rows: dict | None) -> pathlib.Path:
+    """A finished run: its final_eval.json, with the evaluation-row record ``rows`` (or none,
+    as a run from before it was recorded)."""
+    final = {"global": None, "personal": None, **({"eval_rows": rows} if rows else {})}
+    (run / "final_eval.json").write_text(json.dumps(final))
+    return run
+
+
+def test_compare_script_refuses_other_eval_rows(tmp_path, capsys) -> None:
+    """Two methods x two seeds (each seed its own data seed, so its own rows R1 / R2): accepted
+    when both methods hold {R1, R2}, refused when one holds R3 instead (other rows, or the
+    same count of other rows)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import compare
+
+    r1 = {"clients": [2, 2, 2, 2], "global_test": None, "sha256": "a1"}
+    r2 = {**r1, "sha256": "b2"}
+    r3 = {**r1, "clients": [2, 2, 2, 1], "sha256": "c3"}
+    runs = {
+        name: _scored(_run_dir(tmp_path, name, f"algorithm.name={alg}", f"data.seed={seed}"), r)
+        for name, alg, seed, r in (
+            ("fedit0", "fedit", 0, r1), ("fedit1", "fedit", 1, r2),
+            ("fedalt0", "fedalt", 0, r1), ("fedalt1", "fedalt", 1, r2),
+        )
+    }  # fmt: skip
+    out = ["--out", str(tmp_path / "cmp")]
+    assert compare.main([*map(str, runs.values()), *out]) == 0
+    assert capsys.readouterr().err == ""
+    _scored(runs["fedalt1"], r3)
+    assert compare.main([*map(str, runs.values()), *out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: evaluation rows differ")
+    d = {k: str(v) for k, v in runs.items()}
+    assert f"fedit: {d['fedit0']} R1, {d['fedit1']} R2; " in err
+    assert f"fedalt: {d['fedalt0']} R1, {d['fedalt1']} R3; " in err
+    assert 'R2 = clients=[2, 2, 2, 2] sha256="b2", R3 = clients=[2, 2, 2, 1] sha256="c3";' in err
+    assert compare.main([*map(str, runs.values()), *out, "--allow_unmatched_eval_rows"]) == 0
+    # The same rows under other seeds of one method are its own business.
+    assert compare.main([d["fedit0"], d["fedit1"], *out]) == 0
+
+
+def test_compare_script_compares_older_runs_by_config(tmp_path, capsys) -> None:
+    """Runs without the record (an older final_eval.json, or none) are compared by their data
+    config, model and evaluation cap, with one warning line naming them: here a cap of 3 rows
+    against the smoke preset's 4."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import compare
+
+    a = _scored(_run_dir(tmp_path, "a", "algorithm.name=fedit"), None)
+    b = _run_dir(tmp_path, "b", "algorithm.name=fedalt")  # unfinished: no final_eval.json
+    out = ["--out", str(tmp_path / "cmp")]
+    assert compare.main([str(a), str(b), *out]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {a}, {b}: final_eval.json records no evaluation rows")
+    assert err.count("\n") == 1
+    c = _scored(
+        _run_dir(tmp_path, "c", "algorithm.name=fedalt", "eval.max_examples_per_client=3"), None
+    )
+    assert compare.main([str(a), str(c), *out]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].startswith("error: evaluation rows differ")
+    assert "R1 = eval.max_examples_per_client=4, R2 = eval.max_examples_per_client=3;" in err[1]
 
 
 def test_results_md_states_the_budget(tmp_path) -> None:

@@ -102,3 +102,20 @@ def test_reproduce_resumes_cell_by_cell(tmp_path) -> None:
     assert "see the sensitivity study" in text
     for png in ("reproduction_loss.png", "reproduction_diffs.png"):
         assert (report.parent / png).read_bytes()[:4] == b"\x89PNG"
+
+    # Every cell records the rows it was scored on: 2 clients x the first 2 test rows (the
+    # grid's eval.max_examples_per_client), no global test split; one digest per seed, since
+    # each seed is its own data preparation (data.seed) and every method of a seed shares it.
+    rows = {
+        p.parent.relative_to(out): json.loads(p.read_text())["eval_rows"]
+        for p in out.glob("*/*/*/final_eval.json")
+    }
+    assert len(rows) == 6
+    assert all(r["clients"] == [2, 2] and r["global_test"] is None for r in rows.values())
+    by_seed = {s: {r["sha256"] for c, r in rows.items() if c.name.endswith(s)} for s in "01"}
+    assert len(by_seed["0"]) == 1 and len(by_seed["1"]) == 1 and by_seed["0"] != by_seed["1"]
+    sys.path.insert(0, str(REPO / "scripts"))
+    import compare
+
+    cells = [str(p.parent) for p in sorted(out.glob("*/*/*-seed1/final_eval.json"))]
+    assert compare.main([*cells, "--out", str(tmp_path / "cmp")]) == 0

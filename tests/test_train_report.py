@@ -150,7 +150,11 @@ def test_compare_script(tmp_path: pathlib.Path, capsys) -> None:
     ]
     main = _script_main("compare")
     assert main([*map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
-    assert "| fedit | 2 | 0.3000 ± 0.1000 |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| fedit | 2 | 0.3000 ± 0.1000 |" in printed.out
+    # the fake runs' final_eval.json records no evaluation rows: compared by config, said once
+    assert printed.err.startswith(f"warning: {runs[0]}, {runs[1]}: final_eval.json records no")
+    assert printed.err.count("\n") == 1
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "cmp")]) == 2
     assert "error: " in capsys.readouterr().err
 
