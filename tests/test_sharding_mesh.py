@@ -106,3 +106,83 @@ def test_sampled_clients_that_do_not_divide_over_the_clients_axis_are_one_line()
     msg = str(e.value)
     assert "3 sampled clients per round do not divide over federated.mesh's clients=2" in msg
     assert "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- Poisson draws
+
+POISSON_N, POISSON_RATE, POISSON_MESH = 6, 0.5, "clients=4,fsdp=2"
+
+
+def _poisson_seed(rounds: int, axis: int) -> int:
+    """The first sampling seed whose every round draws a non-empty K that does not divide over
+    ``axis`` (so the mesh round pads), with two different K (two padded shapes)."""
+    from fedlora_jax.federated.sampling import poisson_sample
+
+    for seed in range(100):
+        ks = [len(poisson_sample(seed, r, POISSON_N, POISSON_RATE)) for r in range(rounds)]
+        if all(k % axis for k in ks) and len(set(ks)) == rounds:
+            return seed
+    raise AssertionError("no seed draws non-dividing K")
+
+
+def _worker_poisson_mesh_equals_vmap(stories_dir: str, private: bool) -> dict:
+    """FedIT (or DP-FedAvg around it: noise, clipping, adaptive clip) with Poisson sampling:
+    the mesh round, padded to a multiple of clients=4, equals the vmap round on the same draw."""
+    from fedlora_jax.privacy import privatise
+    from fedlora_jax.privacy.private import PrivacySettings, settings
+
+    assert jax.device_count() == 8
+    n = POISSON_N
+    cfg, base = load_hf_folder(pathlib.Path(stories_dir))
+    base = {**base, "layers": jax.tree.map(lambda x: x[:LAYERS], base["layers"])}
+    cfg = dataclasses.replace(cfg, num_layers=LAYERS)
+    training = ClientTraining(model=cfg, adapter=AdapterConfig(r=4), local_steps=STEPS, lr=1e-2)
+    alg = get("fedit")(training)
+    if private:  # C small enough to clip, σ = 1, adaptive clipping's noisy count
+        dp = PrivacySettings(
+            enabled=True, clip=0.05, noise_multiplier=1.0, adaptive_clip=True,
+            clipped_count_stddev=2.0,
+        )  # fmt: skip
+        alg = privatise(alg, settings(dp, n, ROUNDS, client_fraction=POISSON_RATE))
+    seed = _poisson_seed(ROUNDS, 4)
+    sizes = np.arange(1.0, n + 1, dtype=np.float32) * 10
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 512, (ROUNDS, n, STEPS, BATCH, SEQ)).astype(np.int32)
+
+    def run(config: E.EngineConfig) -> tuple:
+        state = E.init_state(alg, base, n, seed=0)
+        drawn = []
+        for r in range(ROUNDS):
+            batches = {"tokens": tokens[r], "attn_mask": np.ones_like(tokens[r])}
+            batches["loss_mask"] = (np.arange(SEQ) >= SEQ // 2) * batches["attn_mask"]
+            state, metrics = E.run_round(alg, state, base, batches, sizes, config)
+            drawn.append(metrics["clients"])
+            assert metrics["train/excluded"] == []  # padding is not reported as excluded
+            assert len(metrics["train/per_client/loss"]) == len(metrics["clients"])
+        return jax.tree.map(np.asarray, (state.server_state, state.client_states)), drawn
+
+    common = {"seed": seed, "sampling_rate": POISSON_RATE, "rounds": ROUNDS}
+    ref, ref_drawn = run(E.EngineConfig(**common))
+    got, got_drawn = run(E.EngineConfig(backend="mesh", mesh=POISSON_MESH, **common))
+    assert got_drawn == ref_drawn
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(b, np.float64), a, rtol=0, atol=5e-4)
+    server = ref[0].inner if private else ref[0]
+    return {
+        "drawn": [len(d) for d in ref_drawn],
+        "server_scale": max(float(np.max(np.abs(x))) for x in jax.tree.leaves(server.params)),
+        "clip_fraction": float(ref[0].clip.fraction) if private else 1.0,
+    }
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["fedit", "dp_fedavg"])
+def test_poisson_draw_padded_over_the_clients_axis_equals_vmap(stories_dir, private):
+    """A Poisson draw of K not divisible by clients=4 is padded with clients that are computed
+    but excluded (weight 0, no state write); FedIT and DP-FedAvg (noise, adaptive clipping:
+    a padding client must not change the clipped count or the fixed denominator) equal vmap."""
+    res = run_worker(
+        "test_sharding_mesh", "_worker_poisson_mesh_equals_vmap", str(stories_dir), private,
+        timeout=1200,
+    )  # fmt: skip
+    assert all(k % 4 for k in res["drawn"]) and res["server_scale"] > 0
+    assert res["clip_fraction"] > 0  # DP: the last round clipped some update

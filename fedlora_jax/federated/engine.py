@@ -4,7 +4,8 @@ aggregate) → scatter client states back.
 One jitted function per (phase, backend) does the whole phase on device: gather the sampled
 clients' rows of the N-stacked client state, run ``client_update`` for all of them (vmap, chunked
 ``lax.map`` or ``shard_map`` over a ``clients`` mesh axis), exclude clients whose upload or new
-state is non-finite, aggregate, and scatter. The compiled functions are cached per (algorithm
+state is non-finite and the padding clients that make K divide over the clients axis
+(``pad_ids``), aggregate, and scatter. The compiled functions are cached per (algorithm
 name, options, training) and phase, so the round loop traces each phase once per shape. The
 ``debug`` backend runs the same phase without jit, one client at a time, and names the client
 and round of an error: for people writing a new method.
@@ -173,11 +174,30 @@ def clients_mesh(num_devices: int) -> jax.sharding.Mesh:
     )
 
 
-def _pad_rows(tree: PyTree, pad: int) -> PyTree:
-    """Append ``pad`` copies of row 0 (shard_map needs K divisible by the device count)."""
-    if pad == 0:
-        return tree
-    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, 0)]), tree)
+def clients_axis(config: EngineConfig) -> int:
+    """How many ways the backend splits the sampled clients (K is padded to a multiple)."""
+    if config.backend == "shard_map":
+        return jax.device_count()
+    if config.backend == "mesh":
+        return dict(distributed.mesh_of(config.mesh).shape).get(distributed.CLIENTS, 1)
+    return 1
+
+
+def pad_ids(ids: np.ndarray, multiple: int, num_clients: int) -> np.ndarray:
+    """``ids`` followed by padding clients up to a multiple of ``multiple`` (a Poisson draw, or
+    any K, need not divide over the clients axis). A padding client has the out-of-range id N:
+    it is computed (gathers clamp: client N-1's state; ``data_ids``: the first client's batches
+    and size) but ``_phase_core`` marks it not valid, the one exclusion mechanism of non-finite
+    clients: weight 0, so every aggregate and DP release ignores it (a private sum counts only
+    w > 0 and keeps its fixed denominator), and its state write is dropped (scatters drop an
+    out-of-range id)."""
+    pad = -len(ids) % multiple
+    return np.concatenate([ids, np.full(pad, num_clients, np.int32)]).astype(np.int32)
+
+
+def data_ids(ids: np.ndarray, num_clients: int) -> np.ndarray:
+    """The client whose batches each row trains on: a padding client reuses the first one's."""
+    return np.where(ids < num_clients, ids, ids[0]).astype(np.int32)
 
 
 def _debug_clients(phase: Phase) -> Callable[..., tuple]:
@@ -243,15 +263,7 @@ def map_clients(phase: Phase, config: EngineConfig) -> Callable[..., tuple]:
         check_vma=False,
     )
 
-    def over_mesh(base, payload, states, batches, keys, info, ids):
-        k = keys.shape[0]
-        pad = -k % n_dev
-        if phase.per_client_broadcast:
-            payload = _pad_rows(payload, pad)
-        out = smapped(base, payload, *_pad_rows((states, batches, keys), pad), info)
-        return jax.tree.map(lambda x: x[:k], out)
-
-    return over_mesh
+    return lambda *args: smapped(*args[:6])  # run_round padded K to a multiple of n_dev
 
 
 # ----------------------------------------------------------------------------- one phase
@@ -296,7 +308,8 @@ def _phase_core(phase: Phase, config: EngineConfig, num_clients: int) -> Callabl
         states = jax.tree.map(lambda x: x[ids], clients)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
         uploads, new_states, metrics = run_clients(base, payload, states, batches, keys, info, ids)
-        valid = _finite_rows(uploads, k) & _finite_rows(new_states, k)
+        live = ids < num_clients  # not a padding client (pad_ids)
+        valid = live & _finite_rows(uploads, k) & _finite_rows(new_states, k)
         uploads = _where_rows(valid, uploads, jax.tree.map(jnp.zeros_like, uploads))
         weights = jnp.where(valid, sizes, 0.0)
         aggregated = jnp.any(weights > 0)
@@ -479,12 +492,11 @@ def run_round(
         )
     if len(ids) == 0:
         return _empty_round(algorithm, state, config, n, start)
-    if config.backend == "shard_map" and len(ids) % jax.device_count():
-        log.info(
-            "shard_map: padding %d clients to a multiple of %d devices",
-            len(ids),
-            jax.device_count(),
-        )
+    k = len(ids)
+    padded = pad_ids(ids, clients_axis(config), n)
+    if len(padded) > k:
+        log.info("%s: %d padding clients after %d sampled", config.backend, len(padded) - k, k)
+    rows_data = data_ids(padded, n)
     metrics: dict[str, Any] = {"round": state.round, "clients": ids.tolist()}
     down = up = 0
     server, clients = state.server_state, state.client_states
@@ -497,12 +509,24 @@ def run_round(
         if config.backend == "mesh":  # this process prepares only the rows its devices hold
             b = distributed.client_batches(
                 mesh,
-                len(ids),
-                lambda rows, phase=phase: phase_batches(batches, state.round, phase, ids[rows], n),
+                len(padded),
+                lambda rows, phase=phase: phase_batches(
+                    batches, state.round, phase, rows_data[rows], n
+                ),
             )
         else:
-            b = phase_batches(batches, state.round, phase, ids, n)
-        args = (base, server, clients, ids, b, state.rng, round_idx, np.int32(p), sizes[ids])
+            b = phase_batches(batches, state.round, phase, rows_data, n)
+        args = (
+            base,
+            server,
+            clients,
+            padded,
+            b,
+            state.rng,
+            round_idx,
+            np.int32(p),
+            sizes[rows_data],
+        )
         if config.backend == "debug":  # eager: count the bytes actually sent
             out = _phase_core(phase, config, n)(*args)
             sent = (out[5], out[6])
@@ -512,6 +536,7 @@ def run_round(
             with _mesh_context(config):
                 server, clients, *on_device = compiled_phase(algorithm, p, config, n)(*args)
         phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
+        phase_metrics, valid = jax.tree.map(lambda x: x[:k], (phase_metrics, valid))  # unpad
         if sent is None:
             d, u = comm_bytes(algorithm, p, config, n, *args, client_metrics=phase_metrics)
         else:  # debug: the arrays actually sent
@@ -538,7 +563,6 @@ def run_round(
             )
     if algorithm.pooled_data:
         down = up = 0  # one process holds the pooled data: nothing is communicated
-    k = len(ids)
     metrics.update(
         {
             "comm/down_bytes_per_client": down,
