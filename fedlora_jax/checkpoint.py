@@ -37,7 +37,7 @@ import pathlib
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -169,7 +169,8 @@ class Checkpointer:
             try:
                 state, meta = self._restore(s, like)
             except ValueError as e:
-                failures.append(f"{self._step_dir(s)} ({_brief(e)})")
+                why = str(e) if isinstance(e, CheckpointError) else _brief(e)
+                failures.append(f"{self._step_dir(s)} ({why})")
                 _quiet_failed_read_leftovers()
                 continue
             for bad in failures:
@@ -220,6 +221,29 @@ class Checkpointer:
         return dict(meta.meta or {})
 
     def _restore(self, step: int, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
+        """Restore into ``like``; a step saved before the algorithms' states were typed is read
+        in their dict layout and converted (``dict_layout``), with a warning."""
+        try:
+            return self._restore_as(step, like)
+        except ValueError as e:
+            old = dict_layout(like)
+            if jax.tree.structure(old) == jax.tree.structure(like):
+                raise  # no typed state: nothing was saved otherwise
+            try:
+                state, meta = self._restore_as(step, old)
+            except ValueError:
+                raise CheckpointError(
+                    f"{_brief(e)}; nor does it hold this config's states in the dict layout "
+                    "written before they were typed (commit 1164ab2)"
+                ) from None
+        log.warning(
+            "checkpoint %s holds the algorithm's states as dicts (saved before commit 1164ab2 "
+            "typed them); converted to the typed states",
+            self._step_dir(step),
+        )
+        return typed_like(state, like), meta
+
+    def _restore_as(self, step: int, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
         target = jax.tree.map(_restore_target, _storable(like))
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
@@ -298,6 +322,53 @@ class _DropReadLeftovers:
         )
         if not (orbax_coroutine or closed_loop):
             self.previous(u)
+
+
+def _typed(node: Any) -> bool:
+    """A typed algorithm state: a flax ``struct`` dataclass instance."""
+    return getattr(type(node), "_flax_dataclass", False)
+
+
+def _stored_fields(node: Any) -> list[tuple[str, str, Any]]:
+    """(field, its key in the dict layout, value) of the fields a dict-layout state stored:
+    the pytree fields that hold something ({} was never stored), keys renamed as the class's
+    ``dict_keys`` says (default: the field's name)."""
+    renames = getattr(node, "dict_keys", {})
+    return [
+        (f.name, renames.get(f.name, f.name), getattr(node, f.name))
+        for f in dataclasses.fields(node)
+        if f.metadata.get("pytree_node", True) and not _empty(getattr(node, f.name))
+    ]
+
+
+def _empty(value: Any) -> bool:
+    return isinstance(value, Mapping) and not value
+
+
+def dict_layout(tree: PyTree) -> PyTree:
+    """``tree`` with every typed state as the dict that held it before commit 1164ab2 typed
+    FedALT's, FedLoRA-Optimizer's and FedGaLore's states: one key per stored field."""
+
+    def as_dict(node: Any) -> Any:
+        if not _typed(node):
+            return node
+        return {key: dict_layout(value) for _, key, value in _stored_fields(node)}
+
+    return jax.tree.map(as_dict, tree, is_leaf=_typed)
+
+
+def typed_like(restored: PyTree, like: PyTree) -> PyTree:
+    """The inverse of ``dict_layout``: ``restored`` (in the dict layout of ``like``) back in
+    ``like``'s typed states (a field that was not stored keeps ``like``'s {})."""
+
+    def back(node: Any, saved: Any) -> Any:
+        if not _typed(node):
+            return saved
+        return node.replace(
+            **{name: typed_like(saved[key], value) for name, key, value in _stored_fields(node)}
+        )
+
+    return jax.tree.map(back, like, restored, is_leaf=_typed)
 
 
 def _describe(identity: dict[str, Any]) -> str:

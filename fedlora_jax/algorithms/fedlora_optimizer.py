@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +164,11 @@ class ClientState:
     has_bm: Array  # bool [N]: the client has run the personal phase (else B_M is the global one)
     global_opt_state: PyTree  # [N]: the global phase's optimizer state, or {}
     personal_opt_state: PyTree  # [N]: the personal phase's optimizer state, or {}
+
+    # The keys of the dict that held this state before it was typed (checkpoint.dict_layout).
+    dict_keys: ClassVar[dict[str, str]] = {
+        "global_opt_state": "opt_state", "personal_opt_state": "local_opt_state",
+    }  # fmt: skip
 
 
 class PhaseOptimizers(NamedTuple):
