@@ -22,6 +22,10 @@ Host-local values (numpy arrays, Python scalars, arrays on this process's device
 engine's PRNG key and round counter) must be the same on every process; they are checked
 (sha256 exchanged, one error naming the processes that differ), written once as replicated
 arrays, and restored as host-local values again.
+
+A checkpoint saved before FedALT's, FedLoRA-Optimizer's and FedGaLore's states were typed
+(commit 1164ab2) holds them as dicts; ``restore`` reads it in that layout and converts it
+(``dict_layout``), with a warning.
 """
 
 from __future__ import annotations
