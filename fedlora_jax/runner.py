@@ -268,6 +268,32 @@ def global_test_set(data: FederatedData) -> list[EvalExample] | None:
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclasses.dataclass
+class Started:
+    """A run that ``start`` checked and built on this process, ready to ``train``."""
+
+    cfg: ConfigDict  # resolved: what config.json records
+    rc: RunConfig
+    run_dir: pathlib.Path
+    setup: Setup
+    resume: bool
+
+
+def start(
+    cfg: ConfigDict, *, resume: bool = False, setup: Setup | None = None, progress: bool = True
+) -> Started:
+    """The start-up work that can fail on one host only, before anything is written: validate
+    the config, check the run directory, load the model and data and build the algorithm.
+    Several processes run it inside ``distributed.start_together`` (``run`` does)."""
+    config_lib.validate(cfg)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.adapter.kind = config_lib.adapter_kind(cfg)  # config.json records the kind trained
+    rc = config_lib.validate(cfg)
+    run_dir = pathlib.Path(rc.run.out_dir) / config_lib.run_name(rc)
+    _prepare_run_dir(run_dir, cfg, resume)
+    return Started(cfg, rc, run_dir, setup or build(rc, verbose=progress), resume)
+
+
 def run(
     cfg: ConfigDict,
     *,
@@ -279,15 +305,26 @@ def run(
 ) -> RunResult:
     """Train for ``cfg.federated.rounds`` rounds in ``out_dir/name``; continue a run with
     ``resume``. ``stop_after_round`` ends this process's work after that round (the run stays
-    resumable), e.g. for time-limited jobs."""
-    config_lib.validate(cfg)
-    cfg = cfg.copy_and_resolve_references()
-    cfg.adapter.kind = config_lib.adapter_kind(cfg)  # config.json records the kind trained
-    rc = config_lib.validate(cfg)
-    run_dir = pathlib.Path(rc.run.out_dir) / config_lib.run_name(rc)
-    _prepare_run_dir(run_dir, cfg, resume)
-    distributed.barrier("run dir checked")  # before process 0 writes config.json
-    setup = setup or build(rc, verbose=progress)
+    resumable), e.g. for time-limited jobs. Several processes agree first that all started
+    with the same config (``distributed.start_together``: one line on every process if not)."""
+    started = distributed.start_together(
+        lambda: start(cfg, resume=resume, setup=setup, progress=progress),
+        lambda s: config_lib.to_dict(s.cfg),
+    )
+    return train(started, stop_after_round=stop_after_round, progress=progress, echo=echo)
+
+
+def train(
+    started: Started,
+    *,
+    stop_after_round: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> RunResult:
+    """The rounds, evaluation, logging and checkpoints of a started run (``run``)."""
+    cfg, rc, run_dir, setup, resume = (
+        started.cfg, started.rc, started.run_dir, started.setup, started.resume
+    )  # fmt: skip
     state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=rc.run.seed)
     history: list[dict[str, Any]] = []
     rounds = rc.federated.rounds

@@ -14,7 +14,8 @@ from ``--coordinator host:port --num_processes N --process_id i`` (else the envi
 that they hold the same config (one line naming those that differ), each prepares only its own
 clients' batches (``federated.backend=mesh``), and only process 0 prints and writes the run
 directory; checkpoints are written by all of them, so ``run.out_dir`` must be a directory every
-process sees.
+process sees. A start-up error on any process (config, data, model, run directory) stops every
+process with the same line, ``error: process N: ...``.
 
 Exit status: 0 done (or stopped under ``run.on_no_valid_client="stop"``), 2 a mistake in the
 config, data or model spec, 3 a round had no valid client (every sampled client sent non-finite
@@ -111,16 +112,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedlora_jax.config import load_config, to_dict
 
     primary = distributed.is_primary()
+    progress = primary and not args.no_progress
+
+    def start() -> runner.Started:  # everything that can fail on one host only
+        cfg = load_config(args.config, overrides)
+        return runner.start(cfg, resume=args.resume, progress=progress)
+
     try:
         with _silent_unless(primary):
-            cfg = load_config(args.config, overrides)
-            distributed.check_same_config(to_dict(cfg))
-            result = runner.run(
-                cfg,
-                resume=args.resume,
-                stop_after_round=args.stop_after_round,
-                progress=primary and not args.no_progress,
+            started = distributed.start_together(start, lambda s: to_dict(s.cfg))
+            result = runner.train(
+                started, stop_after_round=args.stop_after_round, progress=progress
             )
+    except distributed.StartError as e:  # the same line on every process
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         if args.debug:
             raise

@@ -67,13 +67,20 @@ def free_port() -> int:
 
 
 def run_processes(
-    commands: Sequence[list[str]], env: dict[str, str], timeout: float
+    commands: Sequence[list[str]],
+    env: dict[str, str],
+    timeout: float,
+    cwds: Sequence[str | None] | None = None,
 ) -> list[subprocess.CompletedProcess]:
-    """Start every command at once (the processes of one multi-process run) and wait for all;
-    on a timeout all are killed and the timeout raised."""
+    """Start every command at once (the processes of one multi-process run; each in its
+    working directory ``cwds[i]``, default this one) and wait for all; on a timeout all are
+    killed and the timeout raised."""
+    cwds = cwds or [None] * len(commands)
     procs = [
-        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for c in commands
+        subprocess.Popen(
+            c, env=env, cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for c, d in zip(commands, cwds, strict=True)
     ]
     done = []
     try:

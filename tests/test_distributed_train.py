@@ -30,6 +30,7 @@ SMOKE = [
 MESH = ["--config.federated.backend=mesh", "--config.federated.mesh=clients=2,fsdp=4"]
 RUN = "dolly-smoke-fedit-seed0"
 TIMEOUT = 300  # seconds per process
+START_BOUND = 150  # seconds: a failed start-up stops both processes within this
 # Adam moves a parameter by up to lr = 5e-3 per step; the mesh sums each client's gradient in
 # another order than one device does, and a coordinate whose gradient is near zero is where
 # Adam's normalisation shows it. 2e-4 is 4% of one step.
@@ -45,7 +46,9 @@ def rows(read_shipped_lines, tmp_path_factory) -> list[str]:
     return ["--config.data.source=path", f"--config.data.path={path}"]
 
 
-def _two_processes(out: pathlib.Path, *extra: str, per_process=((), ())) -> list:
+def _two_processes(
+    out: pathlib.Path, *extra: str, per_process=((), ()), cwds=None, timeout: float = TIMEOUT
+) -> list:
     """Both processes of one run (4 fake CPU devices each); their CompletedProcess."""
     port = free_port()
     launch = ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2"]
@@ -54,7 +57,7 @@ def _two_processes(out: pathlib.Path, *extra: str, per_process=((), ())) -> list
         + [str(i), *per_process[i]]
         for i in range(2)
     ]
-    return run_processes(commands, worker_env(4), TIMEOUT)
+    return run_processes(commands, worker_env(4), timeout, cwds)
 
 
 def _one_process(out: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
@@ -116,7 +119,32 @@ def test_processes_launched_with_different_configs_both_stop(tmp_path: pathlib.P
         lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
         assert len(lines) == 1, p.stderr[-4000:]
         assert "processes disagree on the config: process(es) [1] differ from process 0" in lines[0]
-    assert not (tmp_path / RUN).exists()  # nothing was written
+    assert not list(tmp_path.glob("*/config.json"))  # no run was written
+
+
+def test_a_start_up_error_on_one_process_stops_both_with_its_line(
+    read_shipped_lines, tmp_path: pathlib.Path
+) -> None:
+    """The same command on both processes, with a relative data.path that exists only in
+    process 0's working directory (a file missing on one host): process 1 fails to find its
+    data; both stop within the time bound with exit 2 and the same one line naming process 1
+    and its error (process 0, which loaded everything, does not wait in a collective)."""
+    here, elsewhere = tmp_path / "host0", tmp_path / "host1"
+    here.mkdir(), elsewhere.mkdir()
+    rows = read_shipped_lines("dolly/databricks-dolly-15k.jsonl.gz")[:1500]
+    (here / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    data = ["--config.data.source=path", "--config.data.path=rows.jsonl"]
+    t0 = time.perf_counter()
+    procs = _two_processes(tmp_path / "out", *data, cwds=[here, elsewhere], timeout=START_BOUND)
+    wall = time.perf_counter() - t0
+    for p in procs:
+        assert p.returncode == 2, p.stderr[-4000:]
+        lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-4000:]
+        assert lines[0].startswith("error: process 1: ") and "rows.jsonl" in lines[0], lines[0]
+        assert "no such file" in lines[0] and "process 0" not in lines[0], lines[0]
+    assert not list((tmp_path / "out").glob("*/config.json"))  # no run was written
+    print(f"start-up error on process 1: both stopped after {wall:.1f}s wall")
 
 
 def test_start_up_needs_all_three_or_none_and_detects_launchers() -> None:

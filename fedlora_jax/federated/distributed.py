@@ -20,7 +20,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -37,6 +37,7 @@ from fedlora_jax.model.sharding import (
 )
 
 PyTree = Any
+T = TypeVar("T")
 CLIENTS = "clients"
 MESH_AXES = (CLIENTS, FSDP, TENSOR)
 
@@ -254,14 +255,65 @@ def host_local(tree: PyTree) -> PyTree:
 
 def check_same_config(resolved: Mapping[str, Any]) -> None:
     """Every process holds the same resolved config, or one clear error on every process."""
-    digest = config_digest(resolved)
-    differ = differing_processes(digest)
+    start_together(lambda: None, lambda _: resolved)
+
+
+START_MESSAGE_BYTES = 2000  # a start-up error is one line; a longer one is cut
+
+
+class StartError(MeshError):
+    """Some process failed to start; every process raises this, naming the failed processes
+    and their errors (``failures``: process -> one-line message), in one line."""
+
+    def __init__(self, failures: Mapping[int, str]) -> None:
+        self.failures = dict(failures)
+        super().__init__("; ".join(f"process {i}: {m}" for i, m in self.failures.items()))
+
+
+def start_together(work: Callable[[], T], config_of: Callable[[T], Mapping[str, Any]]) -> T:
+    """``work()`` (the start-up that can fail on one host only: config checks, data, model, run
+    directory) on every process, then ONE agreement step (a collective): each process reports
+    ok with the sha256 of ``config_of(result)``, or its error's message. If any failed, every
+    process raises ``StartError`` naming them, rather than the others waiting for ever in a
+    later collective the failed one never reaches; else, if a config differs from process
+    0's, every process raises one line naming them. A single process just runs ``work``."""
+    if jax.process_count() == 1:
+        return work()
+    result, failure, digest = None, None, bytes(32)
+    try:
+        result = work()
+        digest = bytes.fromhex(config_digest(config_of(result)))
+    except Exception as e:  # reported to every process below, then raised from on this one
+        failure = e
+    text = "" if failure is None else _one_line(failure)
+    row = np.zeros(1 + 32 + START_MESSAGE_BYTES, np.uint8)
+    row[0], row[1:33] = failure is not None, np.frombuffer(digest, np.uint8)
+    message = text.encode()[:START_MESSAGE_BYTES]
+    row[33 : 33 + len(message)] = np.frombuffer(message, np.uint8)
+    from jax.experimental import multihost_utils
+
+    everyone = np.asarray(multihost_utils.process_allgather(row))
+    failures = {
+        i: bytes(r[33:]).rstrip(b"\0").decode(errors="replace")
+        for i, r in enumerate(everyone)
+        if r[0]
+    }
+    if failures:
+        raise StartError(failures) from failure
+    differ = [i for i, r in enumerate(everyone) if not np.array_equal(r[1:33], everyone[0, 1:33])]
     if differ:
         raise MeshError(
             f"processes disagree on the config: process(es) {differ} differ from process 0 "
-            f"(this is process {jax.process_index()}, config sha256 {digest[:12]}); launch "
+            f"(this is process {jax.process_index()}, config sha256 {digest.hex()[:12]}); launch "
             "every process with the same config file and overrides"
         )
+    return result
+
+
+def _one_line(error: Exception) -> str:
+    """A user error's own line (ValueError: ConfigError, DataError, ...); else its type too."""
+    text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.splitlines())
 
 
 # ----------------------------------------------------------------------------- placing a round
