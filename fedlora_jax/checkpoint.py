@@ -173,8 +173,7 @@ class Checkpointer:
             try:
                 state, meta = self._restore(s, like)
             except ValueError as e:
-                why = str(e) if isinstance(e, CheckpointError) else _brief(e)
-                failures.append(f"{self._step_dir(s)} ({why})")
+                failures.append(f"{self._step_dir(s)} ({_brief(e)})")
                 _quiet_failed_read_leftovers()
                 continue
             for bad in failures:
@@ -233,13 +232,11 @@ class Checkpointer:
             old = dict_layout(like)
             if jax.tree.structure(old) == jax.tree.structure(like):
                 raise  # no typed state: nothing was saved otherwise
+            _quiet_failed_read_leftovers()
             try:
                 state, meta = self._restore_as(step, old)
             except ValueError:
-                raise CheckpointError(
-                    f"{_brief(e)}; nor does it hold this config's states in the dict layout "
-                    "written before they were typed (commit 1164ab2)"
-                ) from None
+                raise e from None  # not the dict layout either: the typed read's failure
         log.warning(
             "checkpoint %s holds the algorithm's states as dicts (saved before commit 1164ab2 "
             "typed them); converted to the typed states",
