@@ -55,7 +55,9 @@ from fedlora_jax.logging import (
     rewrite_metrics,
 )
 from fedlora_jax.model.config import LlamaConfig
-from fedlora_jax.model.hub import resolve_model
+from fedlora_jax.model.hub import locate, resolve_model
+from fedlora_jax.model.sharded_load import sharded_load
+from fedlora_jax.model.tokenizer import load_tokenizer
 from fedlora_jax.privacy import run as dp_run
 from fedlora_jax.privacy.private import DpSettings
 from fedlora_jax.protocol import eval_rows
@@ -162,17 +164,28 @@ def _takes_ranks(name: str) -> bool:
     return "client_ranks" in {f.name for f in dataclasses.fields(algorithms.get(name).options)}
 
 
-def load_model(cfg: Config) -> tuple[LlamaConfig, PyTree, Any]:
-    """(architecture, base weights in model.dtype, tokenizer) for model.spec."""
-    model = config_lib.typed(cfg).model
-    resolved = resolve_model(model.spec, dtype=jnp.dtype(model.dtype))
+def load_model(cfg: Config, mesh_base: bool = True) -> tuple[LlamaConfig, PyTree, Any]:
+    """(architecture, base weights in model.dtype, tokenizer) for model.spec. On the mesh
+    backend (with ``mesh_base``) a safetensors folder is loaded split over federated.mesh
+    (``sharded_load``): each process reads only its own devices' blocks and no host holds a
+    whole leaf; else (a GGUF file, another backend) every process loads a host copy."""
+    rc = config_lib.typed(cfg)
+    dtype = jnp.dtype(rc.model.dtype)
+    if mesh_base and rc.federated.backend == "mesh":
+        path, _ = locate(rc.model.spec)
+        if path.is_dir():
+            mesh = distributed.mesh_of(rc.federated.mesh)
+            model_cfg, base = sharded_load(path, mesh, dtype)
+            return model_cfg, base, load_tokenizer(path)
+    resolved = resolve_model(rc.model.spec, dtype=dtype)
     return resolved.cfg, resolved.base, resolved.tokenizer
 
 
-def build(cfg: Config, *, verbose: bool = True) -> Setup:
-    """Load the model and data and build the algorithm for ``cfg`` (validated first)."""
+def build(cfg: Config, *, verbose: bool = True, mesh_base: bool = True) -> Setup:
+    """Load the model and data and build the algorithm for ``cfg`` (validated first);
+    ``mesh_base=False``: the base as a host copy even for the mesh backend (``load_model``)."""
     rc = config_lib.typed(cfg)
-    model_cfg, base, tokenizer = load_model(rc)
+    model_cfg, base, tokenizer = load_model(rc, mesh_base)
     data = prepare_federated_data(rc.data, tokenizer, verbose=verbose)
     training = client_training(rc, model_cfg)
     algorithm = build_algorithm(rc, training, len(data.clients))
@@ -559,7 +572,7 @@ def evaluate_checkpoint(
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=cfg.checkpoint.keep, identity=_identity(cfg))
     with ckpt:
         ckpt.check_identity(round_)  # before the expensive build
-        setup = setup or build(cfg, verbose=False)
+        setup = setup or build(cfg, verbose=False, mesh_base=False)  # on whatever devices
         state = init_state(setup.algorithm, setup.base, len(setup.data.clients), seed=cfg.run.seed)
         state, _ = ckpt.restore(state, step=round_)
     report = evaluate_state(cfg, setup, state)

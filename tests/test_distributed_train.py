@@ -83,6 +83,18 @@ def _server_adapters(run_dir: pathlib.Path, step: int) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(server)}
 
 
+def _global_losses(run_dir: pathlib.Path) -> dict[str, float]:
+    """The global model's loss figures in a run's final_eval.json."""
+    metrics = json.loads((run_dir / "final_eval.json").read_text())["global"]["metrics"]
+    flat = {}
+    for key, value in metrics.items():
+        for sub, v in value.items() if isinstance(value, dict) else [("", value)]:
+            name = f"{key}/{sub}" if sub else key
+            if "loss" in name and isinstance(v, float):
+                flat[name] = v
+    return flat
+
+
 def test_two_processes_stop_resume_and_match_one(rows: list[str], tmp_path: pathlib.Path) -> None:
     single = tmp_path / "single"
     proc = _one_process(single, *rows)
@@ -109,7 +121,18 @@ def test_two_processes_stop_resume_and_match_one(rows: list[str], tmp_path: path
     moved = max(float(np.max(np.abs(want[k] - _server_adapters(single / RUN, 1)[k]))) for k in got)
     assert moved > 10 * ATOL  # round 2 changed the adapters: the comparison can fail
     assert diff < ATOL, diff
+    # evaluated on the base split over the mesh (sharded_load) vs a host copy on one device
+    got_loss, want_loss = (_global_losses(d / RUN) for d in (multi, single))
+    assert got_loss.keys() == want_loss.keys() and got_loss
+    for k in got_loss:
+        assert abs(got_loss[k] - want_loss[k]) <= 1e-4 * abs(want_loss[k]), (k, got_loss, want_loss)
     print(f"two processes (stop + resume): {wall:.1f}s wall; max |diff| vs one process {diff:.2e}")
+    print(f"final global loss: two processes {got_loss}, one process {want_loss}")
+    # scripts/evaluate.py's path: the two-process mesh run's checkpoint on this one device
+    from fedlora_jax import runner
+
+    again = runner.evaluate_checkpoint(run_dir)["global"]["metrics"]["loss"]
+    assert abs(again - got_loss["loss"]) <= 1e-4 * abs(got_loss["loss"]), (again, got_loss)
 
 
 def test_processes_launched_with_different_configs_both_stop(tmp_path: pathlib.Path) -> None:
@@ -163,3 +186,57 @@ def test_start_up_needs_all_three_or_none_and_detects_launchers() -> None:
         {"TPU_WORKER_HOSTNAMES": "w0"}
     )
     assert detected({"FEDLORA_DISTRIBUTED": "1"}) and not detected({})
+
+
+def _worker_train_loads_the_base_split() -> dict:
+    """runner.load_model on the mesh backend (8 fake devices): the base comes from
+    sharded_load, read block by block (no read is a whole split leaf), placed by the
+    partition rules, and equal bitwise to the host-copy loader's."""
+    import jax
+    import numpy as np
+
+    from fedlora_jax import runner
+    from fedlora_jax.config import load_config
+    from fedlora_jax.federated import distributed
+    from fedlora_jax.model.convert import load_hf_folder
+    from fedlora_jax.model.hub import locate
+
+    assert jax.device_count() == 8
+    cfg = load_config(SMOKE[1], [x.removeprefix("--config.") for x in MESH])
+    path, _ = locate(cfg.model.spec)
+    assert path.is_dir()
+    reads: dict[str, list[int]] = {}
+    load = runner.sharded_load
+    runner.sharded_load = lambda *a: load(
+        *a, read_hook=lambda key, index, block: reads.setdefault(key, []).append(block.size)
+    )
+    runner.resolve_model = None  # the host-copy loader: a call would fail
+    _, base, tokenizer = runner.load_model(cfg)
+    _, host = load_hf_folder(path, np.dtype(cfg.model.dtype))
+    mesh = distributed.mesh_of(cfg.federated.mesh)
+    split = 0
+    for (key, leaf), want, rule in zip(
+        jax.tree_util.tree_leaves_with_path(base),
+        jax.tree.leaves(host),
+        jax.tree.leaves(distributed.base_sharding(mesh, host)),
+        strict=True,
+    ):
+        assert leaf.sharding.is_equivalent_to(rule, leaf.ndim), key
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+        if not leaf.sharding.is_fully_replicated:
+            split += 1
+            name = "/".join(str(getattr(k, "key", k)) for k in key)
+            assert max(reads[name]) < leaf.size, name  # never a whole leaf at once
+    return {
+        "leaves": len(jax.tree.leaves(base)),
+        "split": split,
+        "tokenizer": tokenizer is not None,
+    }
+
+
+def test_train_loads_the_base_split_over_the_mesh() -> None:
+    from fake_devices import run_worker
+
+    res = run_worker("test_distributed_train", "_worker_train_loads_the_base_split", devices=8)
+    assert res["split"] > 0, res  # some leaf is split, so the block reads were checked
+    print(f"train.py's base on clients=2,fsdp=4: {res['split']} of {res['leaves']} leaves split")
