@@ -385,3 +385,14 @@ def test_per_client_broadcast(backend):
     np.testing.assert_allclose(state.server_state["w"], np.full(5, 9 / 4))
     assert metrics["comm/down_bytes_per_client"] == 5 * 4  # its own slice, not all K rows
     assert metrics["comm/up_bytes_per_client"] == 5 * 4
+
+
+def test_heap_released_after_rounds_that_compile(setup, monkeypatch):
+    alg, base = setup
+    calls = []
+    monkeypatch.setattr(E, "release_free_heap", lambda: calls.append(1) or True)
+    config = E.EngineConfig(clients_per_round=K, seed=101)  # a config no other test compiled
+    state, _ = E.run_round(alg, fresh(alg, base), base, make_batches(0), SIZES, config)
+    assert len(calls) == 1  # the first round compiled the phase
+    E.run_round(alg, state, base, make_batches(1), SIZES, config)
+    assert len(calls) == 1  # same shapes: nothing compiled, nothing to release
