@@ -38,11 +38,13 @@ def token_nll_from_hidden(
     """``token_nll(logits_from_hidden(base, h, cfg), tokens)`` without the full logits.
 
     The B x (T-1) predicting positions are flattened and cut into ``chunk``-sized pieces (the
-    last one padded); each scan step computes its piece's logits, log-sum-exp and target logit,
+    last one padded; fewer positions than ``chunk`` make one unpadded piece); each scan step
+    computes its piece's logits, log-sum-exp and target logit,
     and ``jax.checkpoint`` makes the backward recompute them rather than store them.
     """
     b, t, d = h.shape
     n = b * (t - 1)
+    chunk = min(chunk, n)  # a short batch is one piece, not one padded to ``chunk`` positions
     pieces = -(-n // chunk)
     pad = pieces * chunk - n
     hs = jnp.pad(h[:, :-1].reshape(n, d), ((0, pad), (0, 0))).reshape(pieces, chunk, d)
