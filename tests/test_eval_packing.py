@@ -8,24 +8,18 @@ personal + global ``evaluate`` with unequal splits is compared with the unpacked
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_eval_harness import ADAPTER, _direct_fns, _perturbed
 
-from fedlora_jax.adapters.base import AdapterConfig
-from fedlora_jax.adapters.tree import init_adapters
 from fedlora_jax.data import load_dolly, tokenize_examples
 from fedlora_jax.data.batches import fill_rows
 from fedlora_jax.eval import harness
 from fedlora_jax.eval.harness import EvalExample, evaluate, from_tokenized
-from fedlora_jax.model import llama
-from fedlora_jax.model.loss import lm_loss
 from fedlora_jax.model.tokenizer import load_tokenizer
 
-ADAPTER = AdapterConfig(kind="lora", r=2, alpha=4.0, targets="qv")
 F32 = jnp.dtype("float32")
 
 
@@ -46,30 +40,9 @@ def dolly(tokenizer) -> list[EvalExample]:
     return [from_tokenized(ts, rows)[i] for i in picked]
 
 
-def _lora(cfg, seed: int) -> dict:
-    """A LoRA with non-zero B (fresh B is zero: the adapter would be the base model)."""
-    tree = init_adapters(jax.random.PRNGKey(seed), cfg, ADAPTER)
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(100 + seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
-    )
-
-
-@functools.cache
-def _alone_fn(cfg):
-    @jax.jit
-    def alone(base, adapters, tokens, loss_mask):
-        logits = llama.apply(base, adapters, tokens, jnp.ones_like(tokens), cfg=cfg,
-                             adapter_cfg=ADAPTER)  # fmt: skip
-        return lm_loss(logits, tokens, loss_mask)
-
-    return alone
-
-
 def _alone(cfg, base, adapters, ex: EvalExample) -> tuple[float, float]:
-    s, n = _alone_fn(cfg)(base, adapters, jnp.asarray([ex.tokens]), jnp.asarray([ex.loss_mask]))
+    nll, _ = _direct_fns(cfg)
+    s, n = nll(base, adapters, jnp.asarray([ex.tokens]), jnp.asarray([ex.loss_mask]))
     return float(s), float(n)
 
 
@@ -102,7 +75,7 @@ def test_first_fit_longest_first_and_fill_rows_hand_example() -> None:
 
 def test_packed_example_losses_equal_each_example_alone(stories_jax, dolly) -> None:
     cfg, base = stories_jax
-    adapters = _lora(cfg, 0)
+    adapters = _perturbed(cfg, 0)
     rows, calls = _packed_call(dolly, per_call=3)
     assert len(calls) >= 2  # several calls; an empty row pads the last one when rows % 3 != 0
     assert max(len(r) for r in rows[0]) >= 3  # several examples share a row
@@ -122,7 +95,7 @@ def test_packed_example_losses_equal_each_example_alone(stories_jax, dolly) -> N
 
 def test_perturbing_one_example_leaves_the_others_bitwise(stories_jax, dolly) -> None:
     cfg, base = stories_jax
-    stacked = jax.tree.map(lambda x: x[None], _lora(cfg, 1))
+    stacked = jax.tree.map(lambda x: x[None], _perturbed(cfg, 1))
     _, calls = _packed_call(dolly, per_call=8)
     call = calls[0]
     fn = harness._loss_fn(cfg, ADAPTER, F32)
@@ -161,8 +134,8 @@ def test_evaluate_packed_equals_unpacked(stories_jax, dolly, tokenizer, batch_si
     seq_len = harness._bucket(max(len(ex.tokens) for s in splits for ex in s))
     lanes = [list(range(0, 5)), list(range(5, 7)), list(range(7, 12))]
     assert sum(map(len, harness._packed_rows(lanes, dolly, seq_len))) < 12  # it does pack
-    glob = _lora(cfg, 2)
-    trees = [_lora(cfg, 3 + i) for i in range(3)]
+    glob = _perturbed(cfg, 2)
+    trees = [_perturbed(cfg, 3 + i) for i in range(3)]
     personal = jax.tree.map(lambda *x: jnp.stack(x), *trees)
     kwargs = dict(cfg=cfg, adapter_cfg=ADAPTER, tokenizer=tokenizer, max_new_tokens=2,
                   batch_size=batch_size, return_predictions=True)  # fmt: skip

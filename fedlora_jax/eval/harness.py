@@ -337,20 +337,12 @@ def _launch(
         adapters = stacked
         if condition is not None:  # adapters set per example (FedDPA's instance-wise weight)
             adapters = condition(base, stacked, prompt_tokens, prompt_mask)
-        generations.append(
-            generate_stacked(
-                base,
-                adapters,
-                prompt_tokens,
-                prompt_mask,
-                cfg=setup.cfg,
-                adapter_cfg=setup.adapter_cfg,
-                max_new_tokens=setup.max_new_tokens,
-                eos_ids=setup.eos_ids,
-                compute_dtype=setup.compute_dtype,
-                pad_id=setup.pad_id,
-            )  # fmt: skip
-        )
+        generated = generate_stacked(
+            base, adapters, prompt_tokens, prompt_mask,
+            cfg=setup.cfg, adapter_cfg=setup.adapter_cfg, max_new_tokens=setup.max_new_tokens,
+            eos_ids=setup.eos_ids, compute_dtype=setup.compute_dtype, pad_id=setup.pad_id,
+        )  # fmt: skip
+        generations.append(generated)
         if condition is not None:
             call = calls[depth]
             losses.append((call, nll_fn(base, adapters, call.tokens, call.segments)))
