@@ -46,7 +46,6 @@ from fedlora_jax.federated import distributed
 from fedlora_jax.federated.engine import EngineConfig, EngineState, init_state, run_round
 from fedlora_jax.federated.engine import models as engine_models
 from fedlora_jax.federated.sampling import num_sampled
-from fedlora_jax.host_memory import release_free_heap
 from fedlora_jax.logging import (
     MetricsLogger,
     excluded_clients,
@@ -530,7 +529,6 @@ def evaluate_state(cfg: Config, setup: Setup, state: EngineState) -> dict[str, A
     report["global_test"] = None
     if held_out is not None and models.global_ is not None:
         report["global_test"] = score(models.global_, None, [held_out])["global"]
-    release_free_heap()  # the first evaluation compiled the harness's programs (host_memory)
     return report
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from fedlora_jax.adapters.base import AdapterConfig
 from fedlora_jax.adapters.tree import init_adapters
+from fedlora_jax.eval import harness
 from fedlora_jax.eval.harness import (
     EvalExample,
     as_example,
@@ -306,3 +307,19 @@ def test_from_tokenized_data_module(tokenizer) -> None:
         assert ex.tokens[-1] == tokenizer.eos_token_id
     response = out[1].tokens[len(out[1].prompt_ids) : -1]
     assert tokenizer.decode(list(response)).strip() == "hi there"
+
+
+def test_heap_released_after_calls_that_compile(
+    model, adapters, clients_test, tokenizer, monkeypatch
+):
+    cfg, base = model
+    glob, _ = adapters
+    calls = []
+    monkeypatch.setattr(harness, "release_free_heap", lambda: calls.append(1) or True)
+    kwargs = dict(
+        cfg=cfg, adapter_cfg=ADAPTER, tokenizer=tokenizer, max_new_tokens=MAX_NEW + 1, batch_size=2
+    )  # MAX_NEW + 1: a generation length no other test compiled
+    evaluate(base, glob, None, clients_test, **kwargs)
+    assert len(calls) == 1  # the first call compiled generation and the loss
+    evaluate(base, glob, None, clients_test, **kwargs)
+    assert len(calls) == 1  # same shapes: nothing compiled, nothing to release

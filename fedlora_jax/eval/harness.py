@@ -39,6 +39,7 @@ from fedlora_jax.adapters.base import AdapterConfig, get_kind
 from fedlora_jax.data.batches import fill_rows, first_fit
 from fedlora_jax.eval.metrics import best_match
 from fedlora_jax.eval.report import ExampleScore, build_report
+from fedlora_jax.host_memory import compiles, release_free_heap
 from fedlora_jax.model import llama, loss
 from fedlora_jax.model.config import LlamaConfig
 from fedlora_jax.model.generate import generate_stacked, left_pad
@@ -508,6 +509,9 @@ def evaluate(
         lanes = _lanes(g, batch_size)
         jobs[name] = (lanes, _launch(base, stacked, every, lanes, loss_rows[name], setup))
     done = {name: _collect(p, every, owners, lanes, setup) for name, (lanes, p) in jobs.items()}
+    programs = (cfg, adapter_cfg, max_new_tokens, eos, pad_id, compute_dtype, setup.shapes, k)
+    if compiles(("evaluate", *programs)):  # the compiler's freed heap (host_memory)
+        release_free_heap()
     global_scores, global_preds = done.get("global", (None, None))
     if personal_adapters is None:
         personal_scores, personal_preds, personal_adapter = global_scores, global_preds, "global"

@@ -36,7 +36,7 @@ from fedlora_jax.federated import distributed
 from fedlora_jax.federated.comm import first_download_share, phase_bytes
 from fedlora_jax.federated.context import RoundInfo
 from fedlora_jax.federated.sampling import poisson_sample, sample_clients
-from fedlora_jax.host_memory import release_free_heap
+from fedlora_jax.host_memory import compiles, release_free_heap
 from fedlora_jax.settings import ConfigError, Section, setting
 
 PyTree = Any
@@ -365,19 +365,6 @@ def _signature(*trees: PyTree) -> tuple:
     return treedef, tuple((np.shape(x), np.dtype(x.dtype)) for x in leaves)
 
 
-_CALLED: set[tuple] = set()
-
-
-def _first_call(
-    algorithm: Algorithm, p: int, config: EngineConfig, num_clients: int, args: tuple
-) -> bool:
-    """True the first time phase ``p`` runs with these argument shapes (jit compiles it)."""
-    key = (_cache_key(algorithm, p), config, num_clients, _signature(*args))
-    new = key not in _CALLED
-    _CALLED.add(key)
-    return new
-
-
 _COMM_CACHE: dict[tuple, tuple[PyTree, PyTree]] = {}
 
 
@@ -513,7 +500,7 @@ def run_round(
     rows_data = data_ids(padded, n)
     metrics: dict[str, Any] = {"round": state.round, "clients": ids.tolist()}
     down = up = 0
-    compiles = False
+    compiled = False
     server, clients = state.server_state, state.client_states
     if config.backend == "mesh":
         mesh = distributed.mesh_of(config.mesh)
@@ -548,7 +535,7 @@ def run_round(
             server, clients, *on_device = out[:5]
         else:
             sent = None
-            compiles |= _first_call(algorithm, p, config, n, args)
+            compiled |= compiles((_cache_key(algorithm, p), config, n, _signature(*args)))
             with _mesh_context(config):
                 server, clients, *on_device = compiled_phase(algorithm, p, config, n)(*args)
         phase_metrics, valid, aggregated = jax.device_get(on_device)  # one sync per phase
@@ -579,7 +566,7 @@ def run_round(
             )
     if algorithm.pooled_data:
         down = up = 0  # one process holds the pooled data: nothing is communicated
-    if compiles:  # the compiler's freed heap would otherwise stay resident (host_memory)
+    if compiled:  # the compiler's freed heap would otherwise stay resident (host_memory)
         release_free_heap()
     metrics.update(
         {
